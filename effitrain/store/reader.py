@@ -1,0 +1,134 @@
+"""Read-only access to a store: lazy, fork- and spawn-safe, no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import lmdb
+import pyarrow as pa
+
+from .format import (
+    FORMAT_VERSION,
+    LEN_KEY,
+    META_CLASSES,
+    META_FORMAT,
+    META_KEY,
+    META_OPTIONS,
+    META_SKIPPED,
+    Record,
+    StoreError,
+    decode_record,
+    meta_from_bytes,
+    record_key,
+)
+
+
+def _open_env(path: Path) -> lmdb.Environment:
+    """Open an LMDB environment read-only, without locks or readahead (random reads)."""
+    return lmdb.open(
+        str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048,
+        subdir=path.is_dir(),
+    )
+
+
+class Store:
+    """An effitrain store opened for reading.
+
+    The metadata (``meta``: one Arrow row per record) is read and checked when the store is
+    opened; the LMDB environment used for records is opened lazily in each process, so a
+    ``Store`` can be pickled into DataLoader workers (fork or spawn) and used there.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._env: lmdb.Environment | None = None
+        self._pid: int | None = None
+        self.meta = self._load_meta()
+        md = self.meta.schema.metadata
+        self.classes: list[str] = json.loads(md[META_CLASSES])
+        self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
+        self.options: dict = json.loads(md[META_OPTIONS])
+        self.skipped: list[dict] = json.loads(md[META_SKIPPED])
+
+    def _load_meta(self) -> pa.Table:
+        if not self.path.exists():
+            raise StoreError(f"{self.path}: no such store")
+        if Path(f"{self.path}.partial").exists() and not (self.path / "data.mdb").exists():
+            raise StoreError(f"{self.path}: conversion not finished (found {self.path}.partial); run convert --resume")
+        try:
+            env = _open_env(self.path)
+        except lmdb.Error as e:
+            raise StoreError(f"{self.path}: not an LMDB store ({e})") from None
+        try:
+            with env.begin(buffers=False) as txn:
+                meta_bytes = txn.get(META_KEY)
+                length = txn.get(LEN_KEY)
+        finally:
+            env.close()
+        if meta_bytes is None or length is None:
+            raise StoreError(f"{self.path}: not a complete effitrain store (no {META_KEY.decode()} record)")
+        try:
+            meta = meta_from_bytes(meta_bytes)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StoreError(f"{self.path}: unreadable {META_KEY.decode()} ({e})") from None
+        md = meta.schema.metadata or {}
+        version = md.get(META_FORMAT)
+        if version is None or not all(k in md for k in (META_CLASSES, META_OPTIONS, META_SKIPPED)):
+            raise StoreError(f"{self.path}: not an effitrain store (metadata keys missing)")
+        if int(version) != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: store format version {int(version)}, this effitrain reads version {FORMAT_VERSION}"
+            )
+        if int(length) != meta.num_rows:
+            raise StoreError(f"{self.path}: {int(length)} records but {meta.num_rows} metadata rows")
+        return meta
+
+    # LMDB handles must not cross fork(): reopen in each process.
+    def _txn_env(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():
+            self._env = _open_env(self.path)
+            self._pid = os.getpid()
+        return self._env
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_env"] = None
+        state["_pid"] = None
+        state.pop("labels", None)
+        return state
+
+    def __len__(self) -> int:
+        return self.meta.num_rows
+
+    @cached_property
+    def labels(self) -> list[int]:
+        """Every record's label, from the metadata (no record is read)."""
+        return self.meta.column("label").to_pylist()
+
+    def raw(self, i: int) -> bytes:
+        """The whole value of record ``i`` (header, index, payload)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} out of range for a store of {len(self)}")
+        key = record_key(i)
+        with self._txn_env().begin(buffers=False) as txn:
+            value = txn.get(key)
+        if value is None:
+            raise StoreError(f"{self.path}: record {key.decode()} is missing")
+        return value
+
+    def record(self, i: int) -> Record:
+        """Record ``i`` parsed (header fields, index and payload views)."""
+        return decode_record(self.raw(i), record_key(i))
+
+    def read(self, i: int) -> tuple[bytes, int]:
+        """The payload bytes and label of record ``i``."""
+        rec = self.record(i)
+        return bytes(rec.payload), rec.label
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
