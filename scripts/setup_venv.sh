@@ -7,6 +7,9 @@ venv=${1:-.venv}
 rm -rf "$venv"
 python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# This machine's pip config lists local package mirrors that may not hold every name; pip
+# warns once per missing one. Those warnings are noise here, so hide just them.
+exec 2> >(grep -v "^WARNING: Location .* is ignored" >&2)
 "${pip[@]}" install "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" install -e ".[test,plot]"
 
