@@ -93,13 +93,17 @@ class Record:
         return zlib.crc32(self.payload, zlib.crc32(self.index)) == self.crc32
 
 
+def pack_header(label: int, width: int, height: int, kind: Kind, index_len: int, crc32: int) -> bytes:
+    """The fixed header of a record whose index and payload have CRC32 ``crc32``."""
+    return HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, label, crc32, width, height, index_len)
+
+
 def encode_record(
     payload: bytes, label: int, width: int, height: int, kind: Kind = Kind.ENCODED, index: bytes = b""
 ) -> bytes:
     """Build a record value: header, index, payload."""
     crc = zlib.crc32(payload, zlib.crc32(index))
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, label, crc, width, height, len(index))
-    return b"".join((header, index, payload))
+    return b"".join((pack_header(label, width, height, kind, len(index), crc), index, payload))
 
 
 def decode_record(value: bytes | memoryview, key: bytes = b"?") -> Record:

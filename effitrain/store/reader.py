@@ -55,9 +55,9 @@ class Store:
 
     def _load_meta(self) -> pa.Table:
         if not self.path.exists():
+            if Path(f"{self.path}.partial").exists():
+                raise StoreError(f"{self.path}: conversion not finished (found {self.path}.partial); run convert --resume")
             raise StoreError(f"{self.path}: no such store")
-        if Path(f"{self.path}.partial").exists() and not (self.path / "data.mdb").exists():
-            raise StoreError(f"{self.path}: conversion not finished (found {self.path}.partial); run convert --resume")
         try:
             env = _open_env(self.path)
         except lmdb.Error as e:
@@ -108,11 +108,16 @@ class Store:
         """Every record's label, from the metadata (no record is read)."""
         return self.meta.column("label").to_pylist()
 
+    def _key(self, i: int) -> bytes:
+        """The key of record ``i`` (negative ``i`` counts from the end, as for a list)."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"record {i} out of range for a store of {n}")
+        return record_key(i % n)
+
     def raw(self, i: int) -> bytes:
         """The whole value of record ``i`` (header, index, payload)."""
-        if not 0 <= i < len(self):
-            raise IndexError(f"record {i} out of range for a store of {len(self)}")
-        key = record_key(i)
+        key = self._key(i)
         with self._txn_env().begin(buffers=False) as txn:
             value = txn.get(key)
         if value is None:
@@ -121,7 +126,7 @@ class Store:
 
     def record(self, i: int) -> Record:
         """Record ``i`` parsed (header fields, index and payload views)."""
-        return decode_record(self.raw(i), record_key(i))
+        return decode_record(self.raw(i), self._key(i))
 
     def read(self, i: int) -> tuple[bytes, int]:
         """The payload bytes and label of record ``i``."""

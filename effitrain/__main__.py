@@ -1,0 +1,5 @@
+"""``python -m effitrain`` runs the command line."""
+
+from effitrain.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""Per-image work of ``convert``, done in worker processes: read, check, maybe re-encode.
+
+``prepare(path, options)`` returns a small ``Prepared`` result. When the payload is the
+source file unchanged (the common case) the result carries no image bytes: the writer reads
+the file itself, straight from the page cache, instead of receiving it through a pipe.
+Only re-encoded or transcoded payloads travel back to the writer.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .format import Kind
+
+PAYLOADS = ("keep", "random-access")
+JPEG_EOI = b"\xff\xd9"
+PNG_IEND = b"IEND\xaeB`\x82"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """How images are stored; recorded in the store's metadata and checked on ``--resume``.
+
+    payload: ``"keep"`` stores the file's bytes; ``"random-access"`` losslessly transcodes
+      JPEGs for cropped decoding (``effitrain.jpeg``), other images and JPEGs it cannot
+      transcode exactly stay as they are.
+    max_size: re-encode images whose longer side exceeds this many pixels (None: never).
+    quality: JPEG quality of re-encoded images.
+    verify_decode: fully decode every image instead of the cheap structural check.
+    """
+
+    payload: str = "keep"
+    max_size: int | None = None
+    quality: int = 90
+    verify_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.payload not in PAYLOADS:
+            raise ValueError(f"payload must be one of {PAYLOADS}, got {self.payload!r}")
+        if self.max_size is not None and self.max_size < 1:
+            raise ValueError(f"max_size must be a positive number of pixels, got {self.max_size}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be between 1 and 100, got {self.quality}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One source image, ready for the writer.
+
+    ``payload`` is None when the record's payload is the source file unchanged (``size``
+    bytes, CRC32 ``crc32``); otherwise it holds the new payload. ``error`` is set (and the
+    rest meaningless) when the file cannot be used.
+    """
+
+    size_in: int
+    kind: Kind = Kind.ENCODED
+    width: int = 0
+    height: int = 0
+    crc32: int = 0
+    payload: bytes | None = None
+    index: bytes = b""
+    error: str | None = None
+
+
+class BadImage(Exception):
+    """A source file that is not a usable image."""
+
+
+def prepare(path: Path, options: ConvertOptions) -> Prepared:
+    """Read and check one source image and build its payload; never raises for bad input."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return Prepared(size_in=0, error=f"cannot read: {e.strerror or e}")
+    try:
+        fmt, width, height = check_image(data, full_decode=options.verify_decode)
+        if options.max_size is not None and max(width, height) > options.max_size:
+            payload = downscale(data, options.max_size, options.quality)
+            with Image.open(io.BytesIO(payload)) as im:
+                width, height = im.size
+            return _result(len(data), Kind.REENCODED, width, height, payload)
+        if options.payload == "random-access" and fmt == "JPEG":
+            transcoded = _transcode(data)
+            if transcoded is not None:
+                payload, index = transcoded
+                return _result(len(data), Kind.RANDOM_ACCESS_JPEG, width, height, payload, index)
+    except BadImage as e:
+        return Prepared(size_in=len(data), error=str(e))
+    return Prepared(len(data), Kind.ENCODED, width, height, zlib.crc32(data))
+
+
+def _result(size_in: int, kind: Kind, width: int, height: int, payload: bytes, index: bytes = b"") -> Prepared:
+    crc = zlib.crc32(payload, zlib.crc32(index))
+    return Prepared(size_in, kind, width, height, crc, payload, index)
+
+
+def _jpeg_module():
+    """``effitrain.jpeg`` when its random-access transcode can run here, else None."""
+    try:
+        from effitrain import jpeg
+    except ImportError:
+        return None
+    return jpeg if jpeg.available() else None
+
+
+def default_payload() -> str:
+    """``"random-access"`` where the JPEG transcode is available, else ``"keep"``."""
+    return "random-access" if _jpeg_module() is not None else "keep"
+
+
+def _transcode(data: bytes) -> tuple[bytes, bytes] | None:
+    """The random-access JPEG transcode, or None where it is unavailable or not exact."""
+    jpeg = _jpeg_module()
+    return None if jpeg is None else jpeg.transcode(data)
+
+
+def check_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int]:
+    """Check that ``data`` is an image PIL can load; return (format, width, height).
+
+    The cheap check parses the header and, for JPEG and PNG (nearly every file of an
+    ImageNet-like corpus), looks for the end marker: a truncated file lacks it. Files of
+    other formats, and JPEG/PNG files whose end looks wrong (e.g. trailing bytes after the
+    end marker, which PIL accepts), are fully decoded: only files PIL cannot load, exactly
+    as torchvision's loader opens them, are rejected.
+    """
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (width, height) = im.format, im.size
+            tail = data[-16:].rstrip(b"\0")
+            intact = (fmt == "JPEG" and tail.endswith(JPEG_EOI)) or (fmt == "PNG" and tail.endswith(PNG_IEND))
+            if full_decode or not intact:
+                im.convert("RGB")  # what torchvision's pil_loader does
+    except Image.DecompressionBombError as e:
+        raise BadImage(str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(_describe(e)) from None
+    if width < 1 or height < 1:
+        raise BadImage(f"{fmt} image of size {width}x{height}")
+    return fmt, width, height
+
+
+def downscale(data: bytes, max_size: int, quality: int) -> bytes:
+    """Decode, shrink so the longer side is ``max_size`` (Lanczos) and encode as JPEG."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    width, height = rgb.size
+    scale = max_size / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    out = io.BytesIO()
+    rgb.resize(size, Image.Resampling.LANCZOS).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _describe(e: Exception) -> str:
+    msg = str(e).split("\n")[0]
+    if msg.startswith("cannot identify image file"):
+        return "not an image PIL can read"
+    return msg or type(e).__name__

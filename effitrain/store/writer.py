@@ -1,0 +1,445 @@
+"""``convert``: pack a folder of images into a store, in parallel and crash-safe.
+
+Data flow: the source listing (``scan``) is cut into small chunks; worker processes
+``prepare`` each image (read, check, maybe re-encode) and send back a small result; the
+single writer takes results in source order, reads unchanged files again from the page
+cache (cheaper than piping their bytes), and commits records in large transactions.
+
+Crash safety: everything is written to ``OUT.partial``. Each transaction holds a batch of
+records together with the batch's metadata rows and the progress (next source index,
+records written, files skipped), so after ``kill -9`` the partial store holds exactly a
+prefix of the job, and ``--resume`` continues from there; the result is identical to an
+uninterrupted run. Only the last step writes ``__meta__``, syncs, and renames the folder
+to OUT. Commits do not fsync (a killed process loses nothing the kernel has), the final
+sync before the rename does.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import pyarrow as pa
+
+from effitrain import __version__
+
+from .format import (
+    HEADER,
+    KEYS_KEY,
+    LEN_KEY,
+    META_KEY,
+    META_SCHEMA,
+    META_SKIPPED,
+    encode_record,
+    meta_from_bytes,
+    meta_to_bytes,
+    pack_header,
+    record_key,
+    with_store_metadata,
+)
+from .prepare import ConvertOptions, Prepared, prepare
+from .scan import Source, scan
+
+PROGRESS_KEY = b"__progress__"
+BATCH_PREFIX = b"__batch__"
+ON_ERROR = ("skip", "fail")
+CHUNK = 32  # images per worker task: small enough to keep results ordered and memory flat
+
+
+class ConvertError(Exception):
+    """Conversion cannot start or continue (OUT exists, bad image with --on-error fail, ...)."""
+
+
+@dataclass
+class Summary:
+    """What a conversion did; ``seconds``, ``processed`` and rates cover this run only."""
+
+    out: str
+    images: int = 0
+    classes: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    processed: int = 0
+    processed_bytes: int = 0
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.processed_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "out": self.out,
+            "images": self.images,
+            "classes": self.classes,
+            "skipped": self.skipped,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "resumed_from": self.resumed_from,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 1),
+            "mb_per_s": round(self.mb_per_s, 1),
+        }
+
+    def lines(self) -> list[str]:
+        """The summary for people."""
+        out = [
+            f"wrote {self.out}: {self.images:,} images, {self.classes:,} classes, {len(self.skipped):,} skipped",
+            f"bytes in {self.bytes_in / 1e6:,.1f} MB, out {self.bytes_out / 1e6:,.1f} MB",
+            f"{self.processed:,} images in {self.seconds:.1f} s: {self.images_per_s:,.0f} images/s, "
+            f"{self.mb_per_s:,.1f} MB/s" + (f" (resumed at source image {self.resumed_from:,})" if self.resumed_from else ""),
+        ]
+        out += [f"skipped {s['source']}: {s['error']}" for s in self.skipped]
+        return out
+
+
+def partial_path(out: str | os.PathLike) -> Path:
+    """Where a conversion to ``out`` is built until it is complete."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    labels: str | os.PathLike | None = None,
+    options: ConvertOptions = ConvertOptions(),
+    workers: int | None = None,
+    on_error: str = "skip",
+    resume: bool = False,
+    overwrite: bool = False,
+    commit_bytes: int = 128 << 20,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> Summary:
+    """Convert the ImageFolder tree ``src`` (or flat folder + ``labels``) into the store ``out``.
+
+    workers: processes that read and check images (default: CPU count; 0: in this process).
+    on_error: ``"skip"`` bad images (warned and listed in the metadata) or ``"fail"``.
+    resume: continue ``OUT.partial`` left by an interrupted run with the same arguments.
+    overwrite: replace an existing ``out`` (only once the new store is complete).
+    commit_bytes: payload bytes per LMDB transaction (the unit of crash recovery).
+    warn: called with one line per skipped file (default: printed on stderr).
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    out = Path(out)
+    partial = partial_path(out)
+    if out.exists() and not overwrite:
+        raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
+    if partial.exists() and not resume:
+        if not overwrite:
+            raise ConvertError(
+                f"{partial} holds an interrupted conversion; pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(partial)
+
+    source = scan(src, labels)
+    store_options = {
+        **options.to_dict(),
+        "source": str(source.root.resolve()),
+        "labels_file": None if labels is None else str(Path(labels).resolve()),
+        "effitrain_version": __version__,
+    }
+    workers = default_workers() if workers is None else workers
+    started = time.perf_counter()
+
+    store = _PartialStore(partial)
+    try:
+        state = _start_or_resume(store, source, store_options)
+        summary = Summary(str(out), classes=len(source.classes), resumed_from=state["next"] or 0)
+        if state["next"] is not None:
+            _run(store, source, options, state, workers, on_error, commit_bytes, progress, warn, summary)
+            _finish(store, source, store_options, state)
+        summary.images = state["written"]
+        summary.skipped = state["skipped"]
+        summary.bytes_in, summary.bytes_out = state["bytes_in"], state["bytes_out"]
+        store.finish()
+    finally:
+        store.close()
+    _publish(partial, out)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _PartialStore:
+    """The LMDB of ``OUT.partial``, opened for writing by this process only.
+
+    writemap: records are copied once, straight into the file's pages. The file's blocks
+    are reserved (fallocate) whenever the map grows, so a full disk is a clear error at
+    that moment rather than a SIGBUS on a later page write.
+    """
+
+    GROW_MIN, GROW_MAX = 1 << 30, 16 << 30
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        data = path / "data.mdb"
+        size = data.stat().st_size if data.exists() else 0
+        self.env = lmdb.open(
+            str(path), map_size=max(self.GROW_MIN, size), subdir=True, writemap=True, sync=False,
+            metasync=False, meminit=False, max_dbs=0,
+        )
+        # One writer per partial store: a second convert of the same OUT would interleave commits.
+        self.fd = os.open(data, os.O_RDWR)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise ConvertError(f"{path} is being written by another convert") from None
+        self._reserve()
+
+    def write(self, fn: Callable[[lmdb.Transaction], None], nbytes: int = 0) -> None:
+        """Run ``fn`` in one write transaction, growing the map and retrying when it is full."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    fn(txn)
+                return
+            except lmdb.MapFullError:
+                size = self.env.info()["map_size"]
+                self.env.set_mapsize(size + min(max(size, self.GROW_MIN), self.GROW_MAX) + 2 * nbytes)
+                self._reserve()
+
+    def _reserve(self) -> None:
+        size = self.env.info()["map_size"]
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise ConvertError(
+                    f"{self.path}: no space left on the device for {size / 1e9:.1f} GB; free some and run again with --resume"
+                ) from None
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    def finish(self) -> None:
+        """Flush everything to disk and cut the file to the pages in use."""
+        self.env.sync(True)
+        info = self.env.info()
+        self.env.set_mapsize((info["last_pgno"] + 1) * self.env.stat()["psize"])
+
+    def close(self) -> None:
+        self.env.close()
+        os.close(self.fd)
+
+
+def _start_or_resume(store: _PartialStore, source: Source, store_options: dict) -> dict:
+    """The committed progress of ``partial``, checked against this run (new: written now).
+
+    ``state["next"]`` is None when the partial store is already complete (interrupted just
+    before its rename).
+    """
+    partial = store.path
+    with store.env.begin() as txn:
+        raw = txn.get(PROGRESS_KEY)
+        meta = txn.get(META_KEY)
+        empty = txn.stat()["entries"] == 0
+    if raw is None:
+        if meta is not None:
+            table = meta_from_bytes(meta)
+            skipped = json.loads(table.schema.metadata[META_SKIPPED])
+            nbytes = sum(table.column("nbytes").to_pylist())
+            return {"next": None, "written": table.num_rows, "skipped": skipped, "bytes_in": 0, "bytes_out": nbytes}
+        if not empty:
+            raise ConvertError(f"{partial} is not an effitrain conversion in progress; remove it or pass --overwrite")
+        state = {
+            "next": 0, "written": 0, "batches": 0, "skipped": [], "bytes_in": 0, "bytes_out": 0,
+            "fingerprint": source.fingerprint(), "options": store_options,
+        }
+        store.write(lambda txn: txn.put(PROGRESS_KEY, json.dumps(state).encode()))
+        return state
+    state = json.loads(raw)
+    if state["fingerprint"] != source.fingerprint():
+        raise ConvertError(f"{partial} was started from a different listing of {source.root}; pass --overwrite to start over")
+    if state["options"] != store_options:
+        diff = sorted(k for k in store_options if state["options"].get(k) != store_options[k])
+        raise ConvertError(f"{partial} was started with other options ({', '.join(diff)}); pass --overwrite to start over")
+    return state
+
+
+def _run(
+    store: _PartialStore,
+    source: Source,
+    options: ConvertOptions,
+    state: dict,
+    workers: int,
+    on_error: str,
+    commit_bytes: int,
+    show_progress: bool,
+    warn: Callable[[str], None] | None,
+    summary: Summary,
+) -> None:
+    """Convert source images ``state["next"]:`` and commit them batch by batch."""
+    from effitrain.progress import Progress
+
+    bar = Progress("convert", total=len(source.samples), initial=state["next"], enabled=show_progress)
+    warn = warn or bar.write
+    items: list[tuple[bytes, bytes]] = []
+    rows: list[dict] = []
+    batch_bytes = 0
+
+    def commit(next_index: int) -> None:
+        nonlocal batch_bytes
+        state["next"] = next_index
+        batch = None
+        if rows:
+            batch = (BATCH_PREFIX + b"%09d" % state["batches"], meta_to_bytes(pa.Table.from_pylist(rows, schema=META_SCHEMA)))
+            state["batches"] += 1
+
+        def put_all(txn: lmdb.Transaction) -> None:
+            for key, value in items:
+                txn.put(key, value, append=True)  # image keys are the largest and increase
+            if batch is not None:
+                txn.put(*batch)
+            txn.put(PROGRESS_KEY, json.dumps(state).encode())
+
+        store.write(put_all, batch_bytes)
+        items.clear()
+        rows.clear()
+        batch_bytes = 0
+
+    stream = _prepared(source, options, state["next"], workers)
+    try:
+        for index, result in stream:
+            rel, label = source.samples[index]
+            bar.update(1, result.size_in)
+            summary.processed += 1
+            summary.processed_bytes += result.size_in
+            value = None
+            if result.error is None:
+                value, error = _record_value(source.root / rel, result, label)
+                result = result if error is None else Prepared(result.size_in, error=error)
+            if result.error is not None:
+                if on_error == "fail":
+                    commit(index)  # keep what came before: fix the file and --resume
+                    raise ConvertError(f"{source.root / rel}: {result.error}")
+                warn(f"warning: skipped {source.root / rel}: {result.error}")
+                state["skipped"].append({"source": rel, "error": result.error})
+                continue
+            key = record_key(state["written"])
+            items.append((key, value))
+            nbytes = result.size_in if result.payload is None else len(result.payload)
+            rows.append(
+                {"key": key.decode(), "label": label, "width": result.width, "height": result.height,
+                 "nbytes": nbytes, "kind": int(result.kind), "source": rel}
+            )
+            state["written"] += 1
+            state["bytes_in"] += result.size_in
+            state["bytes_out"] += len(value)
+            batch_bytes += len(value)
+            if batch_bytes >= commit_bytes:
+                commit(index + 1)
+        commit(len(source.samples))
+    finally:
+        stream.close()  # stops the worker pool at once if we are leaving on an error
+        bar.close()
+
+
+def _record_value(path: Path, result: Prepared, label: int) -> tuple[bytearray | bytes | None, str | None]:
+    """The record for ``result``, or an error. An unchanged file is read again here (hot in
+    the page cache) straight into the record's buffer, after its header: one copy."""
+    if result.payload is not None:
+        return encode_record(result.payload, label, result.width, result.height, result.kind, result.index), None
+    value = bytearray(HEADER.size + result.size_in)
+    value[: HEADER.size] = pack_header(label, result.width, result.height, result.kind, 0, result.crc32)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            n = f.readinto(memoryview(value)[HEADER.size :])
+            changed = n != result.size_in or f.read(1)
+    except OSError as e:
+        return None, f"cannot read: {e.strerror or e}"
+    # The CRC was computed by the worker that checked the file; a file rewritten since then
+    # would be caught by inspect --verify, a resized one here.
+    return (None, "file changed while being converted") if changed else (value, None)
+
+
+def _prepared(source: Source, options: ConvertOptions, start: int, workers: int) -> Iterator[tuple[int, Prepared]]:
+    """``(source index, Prepared)`` for every image from ``start``, in source order."""
+    paths = [str(source.root / rel) for rel, _ in source.samples]
+    chunks = ((i, paths[i : i + CHUNK]) for i in range(start, len(paths), CHUNK))
+    if workers <= 0:
+        for first, chunk in chunks:
+            yield from enumerate(_prepare_chunk(chunk, options), first)
+        return
+    # fork is cheapest; the writer has no threads of its own when the pool starts.
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers) as pool:
+        pending: deque = deque()
+        # A bounded window of tasks in flight: workers stay ahead of the writer, but not so
+        # far that the files they read fall out of the page cache before the writer reads them.
+        for first, chunk in chunks:
+            pending.append((first, pool.apply_async(_prepare_chunk, (chunk, options))))
+            if len(pending) >= 4 * workers:
+                first, task = pending.popleft()
+                yield from enumerate(task.get(), first)
+        while pending:
+            first, task = pending.popleft()
+            yield from enumerate(task.get(), first)
+
+
+def _prepare_chunk(paths: list[str], options: ConvertOptions) -> list[Prepared]:
+    return [prepare(Path(p), options) for p in paths]
+
+
+def _finish(store: _PartialStore, source: Source, store_options: dict, state: dict) -> None:
+    """Replace the progress records by ``__meta__``, ``__len__`` and ``__keys__``."""
+    with store.env.begin() as txn:
+        batch_keys = [BATCH_PREFIX + b"%09d" % b for b in range(state["batches"])]
+        tables = [meta_from_bytes(txn.get(k)) for k in batch_keys]
+    # One chunk, so the bytes do not depend on where an interrupted run was resumed.
+    table = pa.concat_tables(tables).combine_chunks() if tables else META_SCHEMA.empty_table()
+    table = with_store_metadata(table, source.classes, store_options, state["skipped"])
+    keys = "\n".join(table.column("key").to_pylist()).encode()
+    meta = meta_to_bytes(table)
+
+    def put_meta(txn: lmdb.Transaction) -> None:
+        txn.put(META_KEY, meta)
+        txn.put(LEN_KEY, str(table.num_rows).encode())
+        txn.put(KEYS_KEY, keys)
+        for key in batch_keys:
+            txn.delete(key)
+        txn.delete(PROGRESS_KEY)
+
+    store.write(put_meta, len(meta) + len(keys))
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Rename the finished ``partial`` to ``out`` (replacing an old ``out`` only now)."""
+    (partial / "lock.mdb").unlink(missing_ok=True)  # readers open stores with lock=False
+    old = out.with_name(out.name + ".replaced")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+    os.rename(partial, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
