@@ -1,0 +1,131 @@
+"""Decoding one image into its batch slot: fallback decoders, crops, resize, flip, errors."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from effitrain.data.decode import DecodeError, decode_crop, decode_image, device_decodable_jpeg, resize_into
+from effitrain.data.transforms import CropPlan
+from effitrain.store.format import Kind
+
+# torchvision 0.29 deprecates torchvision.io decoding in favour of TorchCodec; we use it on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like RGB image: gradients and low-frequency waves, no pixel noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(0.005, 0.05, 2).tolist() + [rng.uniform(0, 6)]
+        channels.append(128 + 60 * np.sin(fx * x + phase) * np.cos(fy * y) + 40 * (x / width - y / height))
+    return np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    """What torchvision's ImageFolder sees: PIL's convert("RGB")."""
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def hwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(1, 2, 0).numpy()
+
+
+RGB = Image.fromarray(smooth_image(123, 97))
+FALLBACK_CASES = {
+    "jpeg 4:2:0": encode(RGB, "JPEG", quality=90, subsampling=2),
+    "jpeg 4:4:4 progressive": encode(RGB, "JPEG", quality=90, subsampling=0, progressive=True),
+    "grayscale jpeg": encode(RGB.convert("L"), "JPEG", quality=90),
+    "cmyk jpeg": encode(RGB.convert("CMYK"), "JPEG", quality=90),
+    "palette png": encode(RGB.quantize(64), "PNG"),
+    "rgba png": encode(RGB.convert("RGBA"), "PNG"),
+    "grayscale+alpha png": encode(RGB.convert("LA"), "PNG"),
+    "16-bit grayscale png": encode(Image.fromarray(smooth_image(123, 97)[..., 0].astype(np.uint16) * 200), "PNG"),
+    "bmp": encode(RGB, "BMP"),
+    "cmyk tiff": encode(RGB.convert("CMYK"), "TIFF"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FALLBACK_CASES))
+def test_fallback_decode_gives_pil_convert_rgb(case: str) -> None:
+    data = FALLBACK_CASES[case]
+    image = decode_image(memoryview(data), "x")
+    assert image.dtype == torch.uint8 and image.shape == (3, 97, 123)
+    np.testing.assert_array_equal(hwc(image), pil_rgb(data))
+
+
+def test_crop_of_full_decode_equals_pil_crop() -> None:
+    data = FALLBACK_CASES["jpeg 4:2:0"]
+    box = (13, 29, 50, 70)
+    crop = decode_crop(Kind.ENCODED, data, b"", box, "x")
+    np.testing.assert_array_equal(hwc(crop), pil_rgb(data)[13:63, 29:99])
+    with pytest.raises(DecodeError, match="x: decoded size 123x97 does not hold crop box"):
+        decode_crop(Kind.ENCODED, data, b"", (50, 0, 50, 10), "x")
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_train_sample_equals_torchvision_pil_pipeline(flip: bool) -> None:
+    """Same box, same flip: RandomResizedCrop's resized_crop + hflip on PIL give the same pixels."""
+    data = encode(Image.fromarray(smooth_image(500, 375, 1)), "JPEG", quality=92)
+    out = torch.empty(3, 224, 224, dtype=torch.uint8)
+    for index in range(6):
+        box, _ = CropPlan(train=True)(500, 375, 0, index)
+        resize_into(decode_crop(Kind.ENCODED, data, b"", box, "x"), out, flip)
+        ref = TF.resized_crop(Image.open(io.BytesIO(data)).convert("RGB"), *box, [224, 224])
+        ref = np.array(TF.hflip(ref) if flip else ref)
+        diff = np.abs(hwc(out).astype(int) - ref)
+        assert diff.max() <= 1 and diff.mean() < 0.05, (box, diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (333, 500), (256, 300)])
+def test_val_sample_matches_resize_and_center_crop(width: int, height: int) -> None:
+    data = encode(Image.fromarray(smooth_image(width, height, 2)), "JPEG", quality=92)
+    box, flip = CropPlan(train=False, image_size=224, val_resize=256)(width, height, 0, 0)
+    out = torch.empty(3, 224, 224, dtype=torch.uint8)
+    resize_into(decode_crop(Kind.ENCODED, data, b"", box, "x"), out, flip)
+    ref = np.array(T.Compose([T.Resize(256), T.CenterCrop(224)])(Image.open(io.BytesIO(data)).convert("RGB")))
+    diff = np.abs(hwc(out).astype(int) - ref)
+    assert diff.mean() < 1.0, diff.mean()
+
+
+def test_resize_into_same_size_copies_and_flips() -> None:
+    crop = torch.arange(3 * 4 * 5, dtype=torch.uint8).view(3, 4, 5)
+    out = torch.empty(3, 4, 5, dtype=torch.uint8)
+    resize_into(crop, out, flip=True)
+    assert torch.equal(out, crop.flip(-1))
+
+
+@pytest.mark.parametrize(
+    "data,what",
+    [
+        (b"", "empty"),
+        (b"not an image at all", "garbage"),
+        (FALLBACK_CASES["jpeg 4:2:0"][:200], "truncated jpeg"),
+        (FALLBACK_CASES["palette png"][:100], "truncated png"),
+        (b"\xff\xd8\xff\xe0" + bytes(300), "jpeg header only"),
+    ],
+)
+def test_corrupt_data_raises_a_clear_error(data: bytes, what: str) -> None:
+    with pytest.raises(DecodeError, match=r"^store.lmdb: record img-000000007: cannot decode image \("):
+        decode_crop(Kind.ENCODED, data, b"", (0, 0, 1, 1), "store.lmdb: record img-000000007")
+
+
+def test_device_decodable_jpeg() -> None:
+    assert device_decodable_jpeg(FALLBACK_CASES["jpeg 4:2:0"])
+    assert device_decodable_jpeg(memoryview(FALLBACK_CASES["jpeg 4:4:4 progressive"]))
+    assert device_decodable_jpeg(FALLBACK_CASES["grayscale jpeg"])
+    assert not device_decodable_jpeg(FALLBACK_CASES["cmyk jpeg"])
+    assert not device_decodable_jpeg(FALLBACK_CASES["palette png"])
+    assert not device_decodable_jpeg(b"\xff\xd8\xff")

@@ -1,0 +1,192 @@
+"""make_loader: batches from a store or an ImageFolder, reproducible, resumable, sharded."""
+
+import io
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from effitrain.data import make_loader
+from effitrain.data.decode import DecodeError
+from effitrain.data.loader import EpochOrder
+from effitrain.store.format import decode_record, encode_record, record_key
+from effitrain.store.reader import Store
+from effitrain.store.writer import convert
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+SIZE = 64  # small outputs keep the tests fast; the code path is the same as for 224
+VAL_RESIZE = 73
+
+
+def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Blocky colour noise: cheap to make, and every crop differs from every other."""
+    blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(blocks.repeat(8, 0).repeat(8, 1)[:height, :width])
+
+
+def make_folder(root: Path, per_class: int = 7, classes: int = 3) -> Path:
+    """An ImageFolder of 21 images: JPEGs of several sizes and chroma layouts, a grayscale
+    and a CMYK JPEG, a palette PNG."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            w, h = (int(v) for v in rng.integers(40, 200, 2))
+            image = photo(w, h, rng)
+            if (c, i) == (0, 1):
+                image.convert("L").save(root / f"class{c}/{i}.jpg", quality=90)
+            elif (c, i) == (1, 2):
+                image.convert("CMYK").save(root / f"class{c}/{i}.jpg", quality=90)
+            elif (c, i) == (2, 3):
+                image.quantize(32).save(root / f"class{c}/{i}.png")
+            else:
+                image.save(root / f"class{c}/{i}.jpg", quality=int(rng.integers(80, 96)), subsampling=int(i % 3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("folder") / "train")
+
+
+@pytest.fixture(scope="module")
+def store(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "train.lmdb"
+    convert(folder, out, workers=0, progress=False)
+    return out
+
+
+def batches(source, train=True, batch_size=4, workers=0, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    loader = make_loader(source, train, batch_size, workers, image_size=SIZE, val_resize=VAL_RESIZE, **kw)
+    return list(loader)
+
+
+def assert_same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_batches_shape_dtype_and_labels(store: Path) -> None:
+    loader = make_loader(store, True, 4, 0, image_size=SIZE, device="cpu")
+    assert len(loader) == 21 // 4  # the short last batch is dropped in training
+    out = list(loader)
+    assert len(out) == 5
+    images, labels = out[0]
+    assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.uint8 and images.is_contiguous()
+    assert labels.dtype == torch.int64
+    seen = torch.cat([y for _, y in out])
+    assert len(set(seen.tolist()) - {0, 1, 2}) == 0 and len(seen) == 20
+    assert (images.float().std(dim=(1, 2, 3)) > 10).all()  # real pixels, not an empty buffer
+
+
+def test_store_and_folder_give_the_same_batches(store: Path, folder: Path) -> None:
+    # The store keeps the files' bytes, in ImageFolder's order and labels: same pixels.
+    assert_same(batches(store), batches(folder))
+    assert_same(batches(store, train=False), batches(Store(store), train=False))
+
+
+def test_same_seed_same_batches_any_worker_count(store: Path) -> None:
+    ref = batches(store, seed=5)
+    assert_same(ref, batches(store, seed=5, workers=2))
+    other = batches(store, seed=6)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(ref, other))
+
+
+def test_epochs_differ_and_advance_by_themselves(store: Path) -> None:
+    loader = make_loader(store, True, 4, 0, image_size=SIZE)
+    epoch0, epoch1 = list(loader), list(loader)  # a full pass moves on to the next epoch
+    assert not torch.equal(torch.cat([y for _, y in epoch0]), torch.cat([y for _, y in epoch1]))
+    loader.set_epoch(0)
+    assert_same(list(loader), epoch0)
+    loader.set_epoch(1)
+    assert_same(list(loader), epoch1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_the_rest_of_the_epoch(store: Path, workers: int) -> None:
+    loader = make_loader(store, True, 4, workers, image_size=SIZE, seed=1)
+    loader.set_epoch(3)
+    full = list(loader)
+    for k in (0, 2, 5):
+        loader.set_epoch(3, start_batch=k)
+        assert_same(list(loader), full[k:])
+    after = list(loader)  # a resumed pass that ends moves on to the next epoch too
+    loader.set_epoch(4)
+    assert_same(list(loader), after)
+    with pytest.raises(ValueError, match="start_batch 6 is outside 0..5"):
+        loader.set_epoch(3, start_batch=6)
+
+
+def test_distributed_val_covers_every_image_once(store: Path) -> None:
+    # 21 images over 2 ranks: 11 and 10, no padding duplicates.
+    n = len(Store(store))
+    single = batches(store, train=False, batch_size=4)
+    images = torch.cat([x for x, _ in single])
+    shards = []
+    for rank in range(2):
+        part = batches(store, train=False, batch_size=4, distributed=True, rank=rank, world_size=2)
+        shard = torch.cat([x for x, _ in part])
+        assert torch.equal(shard, images[rank::2])
+        shards.append(len(shard))
+    assert shards == [11, 10] and sum(shards) == n == 21
+    order = [EpochOrder(21, 4, False, 0, r, 2) for r in range(2)]
+    assert sorted(np.concatenate([o.indices(0) for o in order]).tolist()) == list(range(21))
+
+
+def test_distributed_train_shards_are_disjoint_and_equal(store: Path) -> None:
+    orders = [EpochOrder(21, 3, True, 7, r, 2) for r in range(2)]
+    a, b = (o.indices(2) for o in orders)
+    assert len(a) == len(b) == 10 and not set(a) & set(b)
+    assert orders[0].num_batches == orders[1].num_batches == 3
+    opened = Store(store)
+    loader = make_loader(opened, True, 3, 0, image_size=SIZE, seed=7, rank=1, world_size=2)
+    loader.set_epoch(2)
+    labels = torch.cat([y for _, y in loader])
+    assert labels.tolist() == [opened.labels[i] for i in b[:9]]
+
+
+def test_bad_arguments_and_sources(tmp_path: Path, store: Path) -> None:
+    with pytest.raises(ValueError, match="neither an effitrain store nor an ImageFolder"):
+        make_loader(tmp_path / "missing", True, 4, 0)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        make_loader(store, True, 4, 0, decode="tpu")
+    with pytest.raises(ValueError, match="21 images make no batch of 32 on each of 1 rank"):
+        make_loader(store, True, 32, 0)
+    with pytest.raises(ValueError, match="distributed=True needs torch.distributed"):
+        make_loader(store, True, 4, 0, distributed=True)
+
+
+def corrupt_copy(store: Path, out: Path, index: int) -> None:
+    """Copy ``store`` and garble record ``index``'s JPEG data (header and CRC kept valid)."""
+    out.mkdir()
+    (out / "data.mdb").write_bytes((store / "data.mdb").read_bytes())
+    env = lmdb.open(str(out), subdir=True, lock=False)
+    with env.begin(write=True) as txn:
+        rec = decode_record(txn.get(record_key(index)))
+        garbled = bytes(rec.payload[:20]) + bytes(len(rec.payload) - 20)
+        txn.put(record_key(index), encode_record(garbled, rec.label, rec.width, rec.height, rec.kind, bytes(rec.index)))
+    env.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_record_raises_naming_it(store: Path, tmp_path: Path, workers: int) -> None:
+    bad = tmp_path / "bad.lmdb"
+    corrupt_copy(store, bad, 6)
+    loader = make_loader(bad, False, 7, workers, image_size=SIZE, val_resize=VAL_RESIZE)
+    with pytest.raises(DecodeError, match=r"bad.lmdb: record img-000000006: cannot decode image"):
+        list(loader)
+    # Resuming after the batch that holds it never reads it: skipped batches are not decoded.
+    loader.set_epoch(0, start_batch=1)
+    assert len(list(loader)) == 2
+
+
+def test_gpu_decode_path_on_cpu_matches_cpu_path(store: Path) -> None:
+    for train in (True, False):
+        cpu = batches(store, train=train, seed=2)
+        gpu = batches(store, train=train, seed=2, decode="gpu", device="cpu")
+        assert_same(cpu, gpu)
