@@ -3,16 +3,25 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.effitrain-setup
 
-.PHONY: venv test demo clean
+.PHONY: venv ext test demo clean
 
-venv: $(STAMP)
+venv: $(STAMP) ext
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
 	touch $@
 
-test: venv
+# effitrain's C JPEG extension (effitrain/jpeg.py); optional: without it, a PIL fallback.
+EXT_SO := effitrain/_jpegext.so
+ext: $(EXT_SO)
+
+$(EXT_SO): effitrain/csrc/jpegext.c $(STAMP)
+	@$(CC) -O2 -Wall -shared -fPIC -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	  $< -ljpeg -o $@ 2>$(VENV)/jpegext-build.log \
+	  || echo "effitrain: C JPEG extension not built (see $(VENV)/jpegext-build.log); using the torchvision.io/PIL fallback"
+
+test: venv ext
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(EXT_SO)
