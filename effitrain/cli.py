@@ -38,6 +38,7 @@ def cli() -> None:
     \b
     effitrain convert SRC OUT      pack an ImageFolder into one LMDB store
     effitrain inspect STORE        what a store holds; --verify checks every record
+    effitrain train --config X     train a classifier (configs/*.yaml)
     """
 
 
@@ -114,6 +115,28 @@ def inspect(store: Path, verify: bool, workers: int | None, as_json: bool) -> No
         click.echo(f"verify     {len(opened) - len(bad):,} of {len(opened):,} records good, {len(bad):,} bad")
     if verify and bad:
         raise click.ClickException(f"{store}: {len(bad)} bad record(s), first: {bad[0]}")
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config, e.g. configs/resnet50_imagenet.yaml.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set optim.lr=0.2 (repeatable).")
+@click.option("--resume", metavar="auto|PATH", help="Continue the run from its last.pt (auto) or from PATH; without --config, PATH's config is used.")
+@click.option("--eval-only", is_flag=True, help="Evaluate the --resume checkpoint on data.val, then exit.")
+def train(config_path: str | None, overrides: tuple[str, ...], resume: str | None, eval_only: bool) -> None:
+    """Train a torchvision classifier on a store (or ImageFolder) as the config says.
+
+    Several GPUs or nodes: torchrun --nproc_per_node=N --no-python effitrain train ...
+    """
+    from effitrain.train.checkpoint import CheckpointError
+    from effitrain.train.config import ConfigError
+    from effitrain.train.loop import main as run_training
+    from effitrain.train.loop import resolve_config
+
+    try:
+        status = run_training(resolve_config(config_path, overrides, resume), resume=resume, eval_only=eval_only)
+    except (ConfigError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    raise SystemExit(status)
 
 
 def main() -> None:

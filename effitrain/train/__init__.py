@@ -1,0 +1,1 @@
+"""``effitrain train``: config, model, loop, metrics, checkpoints, distributed helpers."""
