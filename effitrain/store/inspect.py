@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from .format import FORMAT_VERSION, Kind, StoreError
+from .prepare import describe_image_error
 from .reader import Store
 
 VERIFY_CHUNK = 256
@@ -128,7 +129,7 @@ def _verify_range(store: Store, indices: range) -> list[str]:
         try:
             image = decode_rgb(rec.payload)
         except Exception as e:  # any decoder failure is a bad record, reported by key
-            bad.append(f"{key}: does not decode ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            bad.append(f"{key}: does not decode ({describe_image_error(e)})")
             continue
         if image.size != (rec.width, rec.height) or image.size != (row["width"], row["height"]):
             bad.append(f"{key}: decodes to {image.size[0]}x{image.size[1]}, recorded {rec.width}x{rec.height}")

@@ -143,7 +143,7 @@ def check_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int]:
     except Image.DecompressionBombError as e:
         raise BadImage(str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(_describe(e)) from None
+        raise BadImage(describe_image_error(e)) from None
     if width < 1 or height < 1:
         raise BadImage(f"{fmt} image of size {width}x{height}")
     return fmt, width, height
@@ -161,7 +161,8 @@ def downscale(data: bytes, max_size: int, quality: int) -> bytes:
     return out.getvalue()
 
 
-def _describe(e: Exception) -> str:
+def describe_image_error(e: Exception) -> str:
+    """One line saying why PIL could not load an image."""
     msg = str(e).split("\n")[0]
     if msg.startswith("cannot identify image file"):
         return "not an image PIL can read"

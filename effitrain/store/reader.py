@@ -26,12 +26,35 @@ from .format import (
 )
 
 
-def _open_env(path: Path) -> lmdb.Environment:
-    """Open an LMDB environment read-only, without locks or readahead (random reads)."""
-    return lmdb.open(
-        str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048,
-        subdir=path.is_dir(),
-    )
+# LMDB allows one open environment per file and process: every Store of the same store in
+# a process shares one, opened read-only without locks or readahead (random reads). Keyed
+# by process id: a forked child (a DataLoader worker) closes the handle it inherited and
+# opens its own, as LMDB requires.
+_ENVS: dict[tuple[int, int, int], lmdb.Environment] = {}
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path / "data.mdb" if path.is_dir() else path)
+    return st.st_dev, st.st_ino
+
+
+def _shared_env(path: Path, file_id: tuple[int, int]) -> lmdb.Environment:
+    key = (os.getpid(), *file_id)
+    env = _ENVS.get(key)
+    if env is None:
+        for inherited in [k for k in _ENVS if k[1:] == file_id]:
+            _ENVS.pop(inherited).close()  # only unmaps it in this process
+        env = _ENVS[key] = lmdb.open(
+            str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048,
+            subdir=path.is_dir(),
+        )
+    return env
+
+
+def _close_env(file_id: tuple[int, int]) -> None:
+    env = _ENVS.pop((os.getpid(), *file_id), None)
+    if env is not None:
+        env.close()
 
 
 class Store:
@@ -44,8 +67,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._env: lmdb.Environment | None = None
-        self._pid: int | None = None
+        self._file_id: tuple[int, int] = (0, 0)
         self.meta = self._load_meta()
         md = self.meta.schema.metadata
         self.classes: list[str] = json.loads(md[META_CLASSES])
@@ -59,15 +81,19 @@ class Store:
                 raise StoreError(f"{self.path}: conversion not finished (found {self.path}.partial); run convert --resume")
             raise StoreError(f"{self.path}: no such store")
         try:
-            env = _open_env(self.path)
-        except lmdb.Error as e:
-            raise StoreError(f"{self.path}: not an LMDB store ({e})") from None
-        try:
-            with env.begin(buffers=False) as txn:
+            self._file_id = _file_id(self.path)
+            with _shared_env(self.path, self._file_id).begin(buffers=False) as txn:
                 meta_bytes = txn.get(META_KEY)
                 length = txn.get(LEN_KEY)
-        finally:
-            env.close()
+        except (OSError, lmdb.Error) as e:
+            raise StoreError(f"{self.path}: not an LMDB store ({e})") from None
+        try:
+            return self._check_meta(meta_bytes, length)
+        except StoreError:
+            _close_env(self._file_id)  # hold nothing open for a store we refuse
+            raise
+
+    def _check_meta(self, meta_bytes: bytes | None, length: bytes | None) -> pa.Table:
         if meta_bytes is None or length is None:
             raise StoreError(f"{self.path}: not a complete effitrain store (no {META_KEY.decode()} record)")
         try:
@@ -86,17 +112,11 @@ class Store:
             raise StoreError(f"{self.path}: {int(length)} records but {meta.num_rows} metadata rows")
         return meta
 
-    # LMDB handles must not cross fork(): reopen in each process.
     def _txn_env(self) -> lmdb.Environment:
-        if self._env is None or self._pid != os.getpid():
-            self._env = _open_env(self.path)
-            self._pid = os.getpid()
-        return self._env
+        return _shared_env(self.path, self._file_id)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_env"] = None
-        state["_pid"] = None
         state.pop("labels", None)
         return state
 
@@ -134,6 +154,6 @@ class Store:
         return bytes(rec.payload), rec.label
 
     def close(self) -> None:
-        if self._env is not None:
-            self._env.close()
-            self._env = None
+        """Close this process's handle on the store (shared by every Store of it here;
+        they reopen it on their next read)."""
+        _close_env(self._file_id)

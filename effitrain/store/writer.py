@@ -16,12 +16,15 @@ sync before the rename does.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -199,19 +202,18 @@ class _PartialStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        data = path / "data.mdb"
-        size = data.stat().st_size if data.exists() else 0
-        self.env = lmdb.open(
-            str(path), map_size=max(self.GROW_MIN, size), subdir=True, writemap=True, sync=False,
-            metasync=False, meminit=False, max_dbs=0,
-        )
-        # One writer per partial store: a second convert of the same OUT would interleave commits.
-        self.fd = os.open(data, os.O_RDWR)
+        # One writer per partial store: a second convert of the same OUT would interleave
+        # commits. Lock before LMDB touches the file.
+        self.fd = os.open(path / "data.mdb", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self.close()
+            os.close(self.fd)
             raise ConvertError(f"{path} is being written by another convert") from None
+        self.env = lmdb.open(
+            str(path), map_size=max(self.GROW_MIN, os.fstat(self.fd).st_size), subdir=True, writemap=True,
+            sync=False, metasync=False, meminit=False, max_dbs=0,
+        )
         self._reserve()
 
     def write(self, fn: Callable[[lmdb.Transaction], None], nbytes: int = 0) -> None:
@@ -389,7 +391,7 @@ def _prepared(source: Source, options: ConvertOptions, start: int, workers: int)
         return
     # fork is cheapest; the writer has no threads of its own when the pool starts.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers) as pool:
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
         pending: deque = deque()
         # A bounded window of tasks in flight: workers stay ahead of the writer, but not so
         # far that the files they read fall out of the page cache before the writer reads them.
@@ -401,6 +403,14 @@ def _prepared(source: Source, options: ConvertOptions, start: int, workers: int)
         while pending:
             first, task = pending.popleft()
             yield from enumerate(task.get(), first)
+
+
+def _init_worker() -> None:
+    """Workers leave Ctrl-C to the writer (which stops the pool) and die with it on kill -9."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _prepare_chunk(paths: list[str], options: ConvertOptions) -> list[Prepared]:

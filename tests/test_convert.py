@@ -1,0 +1,242 @@
+"""convert: exact ImageFolder equivalence, odd formats, labels file, bad inputs, options."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from conftest import crc_of_tree, encode, write_image_folder
+from effitrain.data import ImageFolderLMDB
+from effitrain.store.format import Kind
+from effitrain.store.prepare import ConvertOptions, default_payload
+from effitrain.store.reader import Store
+from effitrain.store.scan import SourceError
+from effitrain.store.writer import ConvertError, _PartialStore, convert, partial_path
+
+KEEP = ConvertOptions(payload="keep")
+
+
+def assert_same_as_imagefolder(store: Path, src: Path) -> None:
+    """Classes, targets, sample order and decoded pixels equal torchvision's ImageFolder."""
+    ref = ImageFolder(str(src))
+    ds = ImageFolderLMDB(store)
+    assert ds.classes == ref.classes
+    assert ds.class_to_idx == ref.class_to_idx
+    assert ds.targets == ref.targets
+    assert ds.samples == [(Path(p).relative_to(src).as_posix(), t) for p, t in ref.samples]
+    assert len(ds) == len(ref)
+    for i in range(len(ref)):
+        (img, target), (ref_img, ref_target) = ds[i], ref[i]
+        assert target == ref_target
+        assert img.mode == "RGB" and img.size == ref_img.size
+        assert np.array_equal(np.asarray(img), np.asarray(ref_img)), ds.samples[i]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_round_trip_equals_imagefolder(image_folder: Path, tmp_path: Path, workers: int) -> None:
+    before = crc_of_tree(image_folder)
+    summary = convert(image_folder, tmp_path / "s.lmdb", options=KEEP, workers=workers, progress=False)
+    assert summary.images == len(ImageFolder(str(image_folder))) and summary.skipped == []
+    assert_same_as_imagefolder(tmp_path / "s.lmdb", image_folder)
+    store = Store(tmp_path / "s.lmdb")
+    for i, (rel, _) in enumerate(ImageFolderLMDB(tmp_path / "s.lmdb").samples):
+        assert store.read(i)[0] == (image_folder / rel).read_bytes()  # --keep-bytes: untouched
+        assert store.record(i).kind == Kind.ENCODED and store.record(i).check_crc()
+    assert crc_of_tree(image_folder) == before
+    assert not partial_path(tmp_path / "s.lmdb").exists()
+
+
+def test_default_payload_reads_back_identically(image_folder: Path, tmp_path: Path) -> None:
+    """Whatever the default payload (random-access JPEG where available), pixels are equal."""
+    convert(image_folder, tmp_path / "s.lmdb", options=ConvertOptions(payload=default_payload()), workers=0, progress=False)
+    assert_same_as_imagefolder(tmp_path / "s.lmdb", image_folder)
+
+
+def test_flat_folder_with_labels(tmp_path: Path) -> None:
+    tree = write_image_folder(tmp_path / "tree", classes=("n02", "n01"), per_class=3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    lines = ["# filename,class_name"]
+    for path in sorted(tree.rglob("*")):
+        if path.is_file() and path.suffix != ".txt":
+            (flat / path.name).write_bytes(path.read_bytes())
+            lines.append(f"{path.name},{path.relative_to(tree).parts[0]}")
+    (flat / "ignored.jpg").write_bytes(encode("jpeg", seed=99))  # not in the label file
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(lines[::-1]) + "\n")  # order in the file does not matter
+    convert(flat, tmp_path / "s.lmdb", labels=labels, options=KEEP, workers=0, progress=False)
+
+    # The same files moved into class folders: what ImageFolder would make of them.
+    moved = tmp_path / "moved"
+    for path in sorted(tree.rglob("*")):
+        if path.is_file() and path.suffix != ".txt":
+            dest = moved / path.relative_to(tree).parts[0] / path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+    ds, ref = ImageFolderLMDB(tmp_path / "s.lmdb"), ImageFolder(str(moved))
+    assert ds.classes == ["n01", "n02"] == ref.classes
+    assert ds.samples == [(Path(p).name, t) for p, t in ref.samples]
+    assert all(np.array_equal(np.asarray(ds[i][0]), np.asarray(ref[i][0])) for i in range(len(ref)))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("nonexistent.jpg,n01", "does not exist"),
+        ("a.jpg n01", "expected 'filename,class_name'"),
+        ("a.jpg,n01\na.jpg,n02", "listed twice"),
+        ("a.txt,n01", "image extension"),
+        ("", "no 'filename,class_name' lines"),
+    ],
+)
+def test_bad_labels_file(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(encode("jpeg", seed=1))
+    (tmp_path / "flat" / "a.txt").write_text("x")
+    (tmp_path / "labels.csv").write_text(content)
+    with pytest.raises(SourceError, match=message):
+        convert(tmp_path / "flat", tmp_path / "s.lmdb", labels=tmp_path / "labels.csv", options=KEEP, progress=False)
+
+
+def corrupt_folder(root: Path) -> dict[str, bytes]:
+    """Good images around every kind of bad file; returns the bad files' relative paths."""
+    good = encode("jpeg", seed=5, size=(64, 48))
+    png = encode("png", seed=6)
+    bad = {
+        "a/truncated.jpg": good[: len(good) // 2],
+        "a/zero.jpg": b"",
+        "b/text.jpg": b"this is not an image at all\n" * 20,
+        "b/truncated.png": png[: len(png) - 30],
+        "b/header-only.jpg": good[:200],
+    }
+    for rel, data in {**bad, "a/good1.jpg": good, "a/good2.png": png, "b/good3.jpg": good,
+                      "b/trailing-bytes.jpg": good + b"junk after the end marker"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return bad
+
+
+@pytest.mark.parametrize("verify_decode", [False, True])
+def test_bad_images_are_skipped_and_listed(tmp_path: Path, verify_decode: bool) -> None:
+    bad = corrupt_folder(tmp_path / "src")
+    warnings: list[str] = []
+    options = ConvertOptions(payload="keep", verify_decode=verify_decode)
+    summary = convert(tmp_path / "src", tmp_path / "s.lmdb", options=options, workers=0, progress=False,
+                      warn=warnings.append)
+    assert sorted(s["source"] for s in summary.skipped) == sorted(bad)
+    assert len(warnings) == len(bad) and all(any(rel in w for w in warnings) for rel in bad)
+    ds = ImageFolderLMDB(tmp_path / "s.lmdb")
+    assert [rel for rel, _ in ds.samples] == ["a/good1.jpg", "a/good2.png", "b/good3.jpg", "b/trailing-bytes.jpg"]
+    assert sorted(s["source"] for s in ds.store.skipped) == sorted(bad)
+    for i, (rel, _) in enumerate(ds.samples):  # PIL accepts bytes after EOI, and so do we
+        assert np.array_equal(np.asarray(ds[i][0]), np.asarray(Image.open(tmp_path / "src" / rel).convert("RGB")))
+
+
+def test_on_error_fail_stops_naming_the_file_and_resumes_after_a_fix(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for name in ("0.jpg", "1.jpg", "2.jpg"):
+        (src / "c" / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / "c" / name).write_bytes(encode("jpeg", seed=int(name[0])))
+    (src / "c" / "1.jpg").write_bytes(b"\xff\xd8 broken")
+    with pytest.raises(ConvertError, match=r"c/1\.jpg"):
+        convert(src, tmp_path / "s.lmdb", options=KEEP, on_error="fail", workers=0, progress=False)
+    assert not (tmp_path / "s.lmdb").exists() and partial_path(tmp_path / "s.lmdb").exists()
+    (src / "c" / "1.jpg").write_bytes(encode("jpeg", seed=1))
+    summary = convert(src, tmp_path / "s.lmdb", options=KEEP, on_error="fail", resume=True, workers=0, progress=False)
+    assert summary.resumed_from == 1 and summary.processed == 2
+    assert_same_as_imagefolder(tmp_path / "s.lmdb", src)
+
+
+def test_max_size_reencodes_only_big_images(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    y, x = np.mgrid[0:120, 0:300]
+    smooth = np.stack([x * 255 // 300, y * 255 // 120, (x + y) * 255 // 420], axis=-1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(smooth).save(out, "PNG")
+    big, small = out.getvalue(), encode("jpeg", seed=2, size=(80, 60))
+    (src / "c" / "big.png").write_bytes(big)
+    (src / "c" / "small.jpg").write_bytes(small)
+    convert(src, tmp_path / "s.lmdb", options=ConvertOptions(payload="keep", max_size=100, quality=80),
+            workers=0, progress=False)
+    ds = ImageFolderLMDB(tmp_path / "s.lmdb")
+    assert ds.store.options["max_size"] == 100 and ds.store.options["quality"] == 80
+    rec_big, rec_small = ds.store.record(0), ds.store.record(1)
+    assert rec_big.kind == Kind.REENCODED and (rec_big.width, rec_big.height) == (100, 40)
+    assert Image.open(io.BytesIO(bytes(rec_big.payload))).format == "JPEG"
+    assert ds[0][0].size == (100, 40)
+    reference = np.asarray(Image.open(io.BytesIO(big)).convert("RGB").resize((100, 40), Image.Resampling.LANCZOS))
+    assert np.abs(np.asarray(ds[0][0]).astype(int) - reference).mean() < 2  # a faithful downscale
+    assert rec_small.kind == Kind.ENCODED and bytes(rec_small.payload) == small
+    assert ds.meta.column("kind").to_pylist() == [Kind.REENCODED, Kind.ENCODED]
+
+
+def test_existing_out_and_partial_are_refused_without_flags(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.lmdb"
+    convert(image_folder, out, options=KEEP, workers=0, progress=False)
+    with pytest.raises(ConvertError, match="already exists.*--overwrite"):
+        convert(image_folder, out, options=KEEP, workers=0, progress=False)
+    convert(image_folder, out, options=ConvertOptions(payload="keep", max_size=30), overwrite=True, workers=0,
+            progress=False)
+    assert Store(out).options["max_size"] == 30
+    assert not out.with_name("s.lmdb.replaced").exists()
+
+    partial = partial_path(tmp_path / "t.lmdb")
+    partial.mkdir()
+    with pytest.raises(ConvertError, match="interrupted conversion.*--resume"):
+        convert(image_folder, tmp_path / "t.lmdb", options=KEEP, progress=False)
+    env = lmdb.open(str(partial))
+    with env.begin(write=True) as txn:
+        txn.put(b"something", b"else")
+    env.close()
+    with pytest.raises(ConvertError, match="not an effitrain conversion"):
+        convert(image_folder, tmp_path / "t.lmdb", options=KEEP, resume=True, progress=False)
+
+
+def test_resume_with_other_options_or_files_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(image_folder, src)
+    (src / "bee" / "bee_001.png").write_bytes(b"broken")
+    out = tmp_path / "s.lmdb"
+    with pytest.raises(ConvertError):
+        convert(src, out, options=KEEP, on_error="fail", workers=0, progress=False)
+    with pytest.raises(ConvertError, match="other options.*max_size"):
+        convert(src, out, options=ConvertOptions(payload="keep", max_size=10), resume=True, workers=0, progress=False)
+    (src / "bee" / "bee_001.png").unlink()
+    with pytest.raises(ConvertError, match="different listing"):
+        convert(src, out, options=KEEP, resume=True, workers=0, progress=False)
+
+
+def test_map_grows_as_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_PartialStore, "GROW_MIN", 256 << 10)  # start tiny: force several growths
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    for i in range(8):
+        noise = np.random.default_rng(i).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(src / "c" / f"{i}.png")  # ~120 KB each, incompressible
+    convert(src, tmp_path / "s.lmdb", options=KEEP, workers=0, commit_bytes=300 << 10, progress=False)
+    assert_same_as_imagefolder(tmp_path / "s.lmdb", src)
+    assert (tmp_path / "s.lmdb" / "data.mdb").stat().st_size < 2 * sum(p.stat().st_size for p in src.rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, "no such folder"),
+        (lambda p: p.mkdir(), "Couldn't find any class folder"),
+        (lambda p: (p / "c").mkdir(parents=True), "Found no valid file for the classes c"),
+        (lambda p: p.write_text("x"), "not a folder"),
+    ],
+)
+def test_unusable_source_is_a_clear_error(tmp_path: Path, make, message: str) -> None:
+    make(tmp_path / "src")
+    with pytest.raises(SourceError, match=message):
+        convert(tmp_path / "src", tmp_path / "s.lmdb", options=KEEP, progress=False)
+    assert not (tmp_path / "s.lmdb").exists() and not partial_path(tmp_path / "s.lmdb").exists()
