@@ -9,10 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from effitrain.data import make_loader
+from effitrain import jpeg
+from effitrain.data import decode, make_loader
 from effitrain.data.decode import DecodeError
 from effitrain.data.loader import EpochOrder
-from effitrain.store.format import decode_record, encode_record, record_key
+from effitrain.store.format import Kind, decode_record, encode_record, record_key
+from effitrain.store.prepare import ConvertOptions
 from effitrain.store.reader import Store
 from effitrain.store.writer import convert
 
@@ -60,6 +62,14 @@ def store(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def ra_store(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default store: JPEGs transcoded for random access where the C extension is built."""
+    out = tmp_path_factory.mktemp("ra") / "train.lmdb"
+    convert(folder, out, options=ConvertOptions(payload="random-access"), workers=0, progress=False)
+    return out
+
+
 def batches(source, train=True, batch_size=4, workers=0, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
     loader = make_loader(source, train, batch_size, workers, image_size=SIZE, val_resize=VAL_RESIZE, **kw)
     return list(loader)
@@ -88,6 +98,20 @@ def test_store_and_folder_give_the_same_batches(store: Path, folder: Path) -> No
     # The store keeps the files' bytes, in ImageFolder's order and labels: same pixels.
     assert_same(batches(store), batches(folder))
     assert_same(batches(store, train=False), batches(Store(store), train=False))
+
+
+@pytest.mark.skipif(not jpeg.available(), reason="the C JPEG extension is not built")
+def test_random_access_store_gives_the_pixels_of_the_files(ra_store: Path, folder: Path) -> None:
+    kinds = Store(ra_store).meta.column("kind").to_pylist()
+    assert kinds.count(Kind.RANDOM_ACCESS_JPEG) == 19  # all but the PNG and the CMYK JPEG
+    for train in (True, False):
+        assert_same(batches(ra_store, train=train), batches(folder, train=train))
+
+
+def test_without_the_c_extension_batches_are_the_same(ra_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = batches(ra_store)
+    monkeypatch.setattr(decode.jpeg, "available", lambda: False)  # torchvision.io / PIL full decode + crop
+    assert_same(batches(ra_store), ref)
 
 
 def test_same_seed_same_batches_any_worker_count(store: Path) -> None:
@@ -185,8 +209,11 @@ def test_corrupt_record_raises_naming_it(store: Path, tmp_path: Path, workers: i
     assert len(list(loader)) == 2
 
 
-def test_gpu_decode_path_on_cpu_matches_cpu_path(store: Path) -> None:
+@pytest.mark.parametrize("which", ["store", "ra_store"])
+def test_gpu_decode_path_on_cpu_matches_cpu_path(which: str, request: pytest.FixtureRequest) -> None:
+    # decode="gpu" with device="cpu": workers cut crop JPEGs, torchvision.io decodes them here.
+    source = request.getfixturevalue(which)
     for train in (True, False):
-        cpu = batches(store, train=train, seed=2)
-        gpu = batches(store, train=train, seed=2, decode="gpu", device="cpu")
+        cpu = batches(source, train=train, seed=2)
+        gpu = batches(source, train=train, seed=2, decode="gpu", device="cpu")
         assert_same(cpu, gpu)

@@ -1,10 +1,10 @@
 """One image's bytes -> the uint8 crop it contributes to a batch.
 
-Random-access JPEGs (``Kind.RANDOM_ACCESS_JPEG``) go through ``effitrain.jpeg.decode_crop``,
-which entropy-decodes only the MCUs the box covers. Everything else (original bytes, re-encoded
-JPEGs, files of an ImageFolder, or any record when the C extension is missing) is decoded in
-full by torchvision.io (JPEG) or PIL (other formats, CMYK JPEGs), with the RGB conversion of
-``PIL.Image.convert("RGB")`` that torchvision's ImageFolder applies, then cut.
+With the C extension, ``effitrain.jpeg.decode_crop`` decodes every crop: for random-access
+JPEGs (``Kind.RANDOM_ACCESS_JPEG``) only the MCUs the box covers, for other JPEGs the rows down
+to the box's last one, other formats through PIL. Without it, images are decoded in full by
+torchvision.io (JPEG) or PIL (other formats, CMYK JPEGs), then cut. Either way the pixels are
+those of ``PIL.Image.convert("RGB")``, what torchvision's ImageFolder sees.
 
 A crop is a ``[3, h, w]`` uint8 tensor, possibly a strided view; ``resize_into`` writes it,
 resized and flipped, into its slot of a preallocated batch.
@@ -20,13 +20,9 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import resize_image
 
+from .. import jpeg
 from ..store.format import Kind
 from .transforms import Box
-
-try:  # TODO(issue 4): effitrain/jpeg.py is being written; drop this guard when it lands
-    from .. import jpeg
-except ImportError:
-    jpeg = None
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -60,9 +56,9 @@ def decode_image(data: bytes | memoryview, name: str) -> torch.Tensor:
 def decode_crop(kind: Kind, data: bytes | memoryview, index: bytes | memoryview, box: Box, name: str) -> torch.Tensor:
     """The ``box`` (top, left, height, width) of an image as ``[3, h, w]`` uint8 RGB."""
     top, left, height, width = box
-    if kind == Kind.RANDOM_ACCESS_JPEG and jpeg is not None and jpeg.available():
+    if jpeg.available():
         try:
-            crop = jpeg.decode_crop(data, index, box)
+            crop = jpeg.decode_crop(data, index if kind == Kind.RANDOM_ACCESS_JPEG else b"", box)
         except Exception as e:
             raise _error(name, e) from e
         return torch.from_numpy(crop).permute(2, 0, 1)
@@ -82,7 +78,7 @@ def encode_crop(
     A random-access JPEG yields a small JPEG of just the crop's MCUs; another JPEG that
     torchvision.io can decode on a GPU yields itself. None: decode this one on the CPU.
     """
-    if kind == Kind.RANDOM_ACCESS_JPEG and jpeg is not None and jpeg.available():
+    if kind == Kind.RANDOM_ACCESS_JPEG and jpeg.available():
         try:
             return jpeg.crop_jpeg(data, index, box)
         except Exception as e:
