@@ -87,7 +87,8 @@ def test_batches_shape_dtype_and_labels(store: Path) -> None:
     out = list(loader)
     assert len(out) == 5
     images, labels = out[0]
-    assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.uint8 and images.is_contiguous()
+    assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64
     seen = torch.cat([y for _, y in out])
     assert len(set(seen.tolist()) - {0, 1, 2}) == 0 and len(seen) == 20

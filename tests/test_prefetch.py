@@ -15,9 +15,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWa
 
 
 def uint8_batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches like the loader's: uint8, channels_last."""
     g = torch.Generator().manual_seed(0)
     return [
-        (torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g), torch.arange(4) + 4 * k)
+        (
+            torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=g).contiguous(
+                memory_format=torch.channels_last
+            ),
+            torch.arange(4) + 4 * k,
+        )
         for k in range(n)
     ]
 
@@ -35,7 +41,7 @@ def test_prefetcher_output_equals_manual_normalize() -> None:
     out = list(prefetcher)
     assert len(out) == 3
     for (images, labels), (raw, raw_labels) in zip(out, source):
-        assert images.dtype == torch.float32 and images.shape == raw.shape
+        assert images.dtype == torch.float32 and images.shape == raw.shape and images.is_contiguous()
         torch.testing.assert_close(images, manual_normalize(raw), rtol=0, atol=1e-5)
         assert torch.equal(labels, raw_labels)
     assert list(DevicePrefetcher([], "cpu")) == []

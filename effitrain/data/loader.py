@@ -3,7 +3,7 @@
     loader = make_loader("imagenet.lmdb", train=True, batch_size=256, workers=8, seed=0)
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch, start_batch=k if epoch == start_epoch else 0)
-        for images, labels in loader:  # uint8 [B, 3, H, W], int64 [B]
+        for images, labels in loader:  # uint8 [B, 3, H, W] (channels_last), int64 [B]
             ...
 
 The work is split by batch, not by sample: the DataLoader's "sampler" hands each worker a
@@ -88,13 +88,24 @@ class FolderSource:
         return Sample(Kind.ENCODED, data, b"", width, height, label, path)
 
 
-def _empty_batch(*shape: int) -> torch.Tensor:
-    """An uninitialised uint8 tensor for a batch; in a worker, in shared memory already, so
-    handing it to the main process passes a file descriptor instead of copying it."""
+def _empty_uint8(*shape: int) -> torch.Tensor:
+    """An uninitialised uint8 tensor for a batch; a 4-d one ``[N, C, H, W]`` in channels_last
+    layout (NHWC in memory).
+
+    channels_last because the resize writes HWC pixels: copying them into a planar slot
+    costs a transposition per image, about as much as the resize itself. In a worker the
+    tensor is made in shared memory already, so handing it to the main process passes a
+    file descriptor instead of copying it.
+    """
+    numel = math.prod(shape)
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        flat = torch.empty(numel, dtype=torch.uint8)
+    else:
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(numel))
+    if len(shape) == 4:
+        n, c, h, w = shape
+        return flat.view(n, h, w, c).permute(0, 3, 1, 2)
+    return flat.view(shape)
 
 
 class DecodedBatches(Dataset):
@@ -106,7 +117,7 @@ class DecodedBatches(Dataset):
     def __getitem__(self, spec: tuple[int, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, indices = spec
         size = self.plan.image_size
-        images = _empty_batch(len(indices), 3, size, size)
+        images = _empty_uint8(len(indices), 3, size, size)
         labels = []
         for slot, i in zip(images, indices.tolist()):
             s = self.source.read(i)
@@ -138,11 +149,11 @@ class EncodedBatches(DecodedBatches):
             flips.append(flip)
             labels.append(s.label)
             names.append(s.name)
-        pixels = _empty_batch(len(cpu_crops), 3, size, size)
+        pixels = _empty_uint8(len(cpu_crops), 3, size, size)
         for slot, (crop, flip) in zip(pixels, cpu_crops):
             resize_into(crop, slot, flip)
         offsets = np.cumsum([0] + [len(c) for c in chunks])
-        data = _empty_batch(int(offsets[-1]))
+        data = _empty_uint8(int(offsets[-1]))
         data.numpy()[:] = np.frombuffer(b"".join(chunks), dtype=np.uint8)
         return EncodedBatch(
             data, torch.from_numpy(offsets), torch.tensor(boxes, dtype=torch.int64).view(-1, 4),
@@ -262,6 +273,9 @@ def make_loader(
     world_size: int | None = None,
 ) -> Loader:
     """Batches of ``(images uint8 [B, 3, S, S], labels int64 [B])`` from a store or an ImageFolder.
+
+    ``images`` is in channels_last memory layout (NHWC: how the pixels are made); the
+    ``DevicePrefetcher`` turns it into normalized floats on the device, in either layout.
 
     source: a ``Store``, a store's path, or an ImageFolder directory (decoded from its files).
     train: RandomResizedCrop + horizontal flip, shuffled, last short batch dropped; else

@@ -46,7 +46,8 @@ def decode_on_device(batch: EncodedBatch, device: torch.device) -> tuple[torch.T
     """Decode, cut, resize and flip an ``EncodedBatch`` on ``device``: ``(images uint8
     [B, 3, S, S] on device, labels)``. With ``device="cpu"`` the same code runs on the CPU."""
     size = batch.pixels.shape[-1]
-    images = torch.empty(len(batch.labels), 3, size, size, dtype=torch.uint8, device=device)
+    shape = (len(batch.labels), 3, size, size)
+    images = torch.empty(shape, dtype=torch.uint8, device=device, memory_format=torch.channels_last)
     on_cpu = set(batch.on_cpu.tolist())
     offsets, boxes, flips = batch.offsets.tolist(), batch.boxes.tolist(), batch.flips.tolist()
     todo = [k for k in range(len(batch.labels)) if k not in on_cpu]
@@ -81,10 +82,12 @@ def normalize(
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 ``[B, 3, H, W]`` -> ``(images - mean) / std`` in ``dtype``; ``mean`` and ``std``
-    are ``[1, 3, 1, 1]`` float32 tensors on the images' device, on the 0-255 scale."""
-    if channels_last:  # on the uint8 tensor: a quarter of the bytes to move
-        images = images.contiguous(memory_format=torch.channels_last)
+    """uint8 ``[B, 3, H, W]`` -> ``(images - mean) / std`` in ``dtype``, channels_last or
+    contiguous; ``mean`` and ``std`` are ``[1, 3, 1, 1]`` float32 tensors on the images'
+    device, on the 0-255 scale."""
+    # The layout is set on the uint8 tensor: a quarter of the bytes to move. (Loader batches
+    # are channels_last already: then it is free.)
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x = images.to(torch.float32).sub_(mean).div_(std)
     return x if dtype == torch.float32 else x.to(dtype)
 
