@@ -17,7 +17,6 @@ sync before the rename does.
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import json
 import multiprocessing as mp
@@ -174,7 +173,6 @@ def convert(
         summary.images = state["written"]
         summary.skipped = state["skipped"]
         summary.bytes_in, summary.bytes_out = state["bytes_in"], state["bytes_out"]
-        store.finish()
     finally:
         store.close()
     _publish(partial, out)
@@ -190,14 +188,15 @@ def default_workers() -> int:
 
 
 class _PartialStore:
-    """The LMDB of ``OUT.partial``, opened for writing by this process only.
+    """The LMDB of ``OUT.partial``, written by this process only, one transaction at a time.
 
-    writemap: records are copied once, straight into the file's pages. The file's blocks
-    are reserved (fallocate) whenever the map grows, so a full disk is a clear error at
-    that moment rather than a SIGBUS on a later page write.
+    Records go into the open transaction as they come, from one reused buffer, and are
+    committed together with the progress. If the map fills up, the transaction is redone
+    in a larger map from its list of records (unchanged files are read again), so records
+    never pile up in memory and the map grows only as needed.
     """
 
-    GROW_MIN, GROW_MAX = 1 << 30, 16 << 30
+    GROW_MIN, GROW_MAX = 1 << 30, 64 << 30
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -211,44 +210,93 @@ class _PartialStore:
             os.close(self.fd)
             raise ConvertError(f"{path} is being written by another convert") from None
         self.env = lmdb.open(
-            str(path), map_size=max(self.GROW_MIN, os.fstat(self.fd).st_size), subdir=True, writemap=True,
-            sync=False, metasync=False, meminit=False, max_dbs=0,
+            str(path), map_size=max(self.GROW_MIN, os.fstat(self.fd).st_size), subdir=True, sync=False,
+            metasync=False, meminit=False, max_dbs=0,
         )
-        self._reserve()
+        self._txn: lmdb.Transaction | None = None
+        self._records: list[tuple[bytes, str, Prepared, int]] = []  # in the open transaction
+        self._buffer = bytearray(1 << 20)
 
-    def write(self, fn: Callable[[lmdb.Transaction], None], nbytes: int = 0) -> None:
-        """Run ``fn`` in one write transaction, growing the map and retrying when it is full."""
+    def put_record(self, key: bytes, path: str, result: Prepared, label: int) -> str | None:
+        """Put one record into the open transaction; return an error if its file is gone."""
+        if self._txn is None:
+            self._txn = self.env.begin(write=True)
+        try:
+            error = self._put(key, path, result, label)
+        except lmdb.MapFullError:
+            self._redo_larger()
+            error = self._put(key, path, result, label)
+        if error is None:
+            self._records.append((key, path, result, label))
+        return error
+
+    def commit(self, puts: dict[bytes, bytes], deletes: tuple[bytes, ...] = ()) -> None:
+        """Add ``puts`` and ``deletes`` to the open transaction and commit it atomically."""
+        if self._txn is None:
+            self._txn = self.env.begin(write=True)
         while True:
             try:
-                with self.env.begin(write=True) as txn:
-                    fn(txn)
+                for key, value in puts.items():
+                    self._txn.put(key, value)
+                for key in deletes:
+                    self._txn.delete(key)
+                self._txn.commit()
+                break
+            except lmdb.MapFullError:
+                self._redo_larger()
+        self._txn = None
+        self._records.clear()
+
+    def _put(self, key: bytes, path: str, result: Prepared, label: int) -> str | None:
+        assert self._txn is not None
+        if result.payload is not None:
+            value = encode_record(result.payload, label, result.width, result.height, result.kind, result.index)
+            self._txn.put(key, value, append=True)  # image keys are the largest and increase
+            return None
+        # An unchanged file: read again here (hot in the page cache, cheaper than a pipe)
+        # straight into the record buffer, after its header.
+        size = HEADER.size + result.size_in
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view = memoryview(self._buffer)[:size]
+        view[: HEADER.size] = pack_header(label, result.width, result.height, result.kind, 0, result.crc32)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                changed = f.readinto(view[HEADER.size :]) != result.size_in or f.read(1)
+        except OSError as e:
+            return f"cannot read: {e.strerror or e}"
+        # The CRC comes from the worker that checked the file: a file resized since is
+        # caught here, one rewritten in place by inspect --verify.
+        if changed:
+            return "file changed while being converted"
+        self._txn.put(key, view, append=True)
+        return None
+
+    def _redo_larger(self) -> None:
+        """Abort the full transaction, grow the map, put its records again."""
+        assert self._txn is not None
+        while True:
+            self._txn.abort()
+            size = self.env.info()["map_size"]
+            self.env.set_mapsize(size + min(max(size, self.GROW_MIN), self.GROW_MAX))
+            self._txn = self.env.begin(write=True)
+            try:
+                for key, path, result, label in self._records:
+                    if self._put(key, path, result, label) is not None:
+                        raise ConvertError(f"{path} changed while being converted; run again with --resume")
                 return
             except lmdb.MapFullError:
-                size = self.env.info()["map_size"]
-                self.env.set_mapsize(size + min(max(size, self.GROW_MIN), self.GROW_MAX) + 2 * nbytes)
-                self._reserve()
-
-    def _reserve(self) -> None:
-        size = self.env.info()["map_size"]
-        try:
-            os.posix_fallocate(self.fd, 0, size)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise ConvertError(
-                    f"{self.path}: no space left on the device for {size / 1e9:.1f} GB; free some and run again with --resume"
-                ) from None
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-
-    def finish(self) -> None:
-        """Flush everything to disk and cut the file to the pages in use."""
-        self.env.sync(True)
-        info = self.env.info()
-        self.env.set_mapsize((info["last_pgno"] + 1) * self.env.stat()["psize"])
+                continue
 
     def close(self) -> None:
-        self.env.close()
-        os.close(self.fd)
+        """Abandon any uncommitted transaction, flush to disk and release the store."""
+        try:
+            if self._txn is not None:
+                self._txn.abort()
+            self.env.sync(True)
+        finally:
+            self.env.close()
+            os.close(self.fd)
 
 
 def _start_or_resume(store: _PartialStore, source: Source, store_options: dict) -> dict:
@@ -274,7 +322,7 @@ def _start_or_resume(store: _PartialStore, source: Source, store_options: dict) 
             "next": 0, "written": 0, "batches": 0, "skipped": [], "bytes_in": 0, "bytes_out": 0,
             "fingerprint": source.fingerprint(), "options": store_options,
         }
-        store.write(lambda txn: txn.put(PROGRESS_KEY, json.dumps(state).encode()))
+        store.commit({PROGRESS_KEY: json.dumps(state).encode()})
         return state
     state = json.loads(raw)
     if state["fingerprint"] != source.fingerprint():
@@ -302,50 +350,40 @@ def _run(
 
     bar = Progress("convert", total=len(source.samples), initial=state["next"], enabled=show_progress)
     warn = warn or bar.write
-    items: list[tuple[bytes, bytes]] = []
-    rows: list[dict] = []
+    rows: list[dict] = []  # metadata of the records in the open transaction
     batch_bytes = 0
 
     def commit(next_index: int) -> None:
         nonlocal batch_bytes
         state["next"] = next_index
-        batch = None
+        puts = {}
         if rows:
-            batch = (BATCH_PREFIX + b"%09d" % state["batches"], meta_to_bytes(pa.Table.from_pylist(rows, schema=META_SCHEMA)))
+            batch = pa.Table.from_pylist(rows, schema=META_SCHEMA)
+            puts[BATCH_PREFIX + b"%09d" % state["batches"]] = meta_to_bytes(batch)
             state["batches"] += 1
-
-        def put_all(txn: lmdb.Transaction) -> None:
-            for key, value in items:
-                txn.put(key, value, append=True)  # image keys are the largest and increase
-            if batch is not None:
-                txn.put(*batch)
-            txn.put(PROGRESS_KEY, json.dumps(state).encode())
-
-        store.write(put_all, batch_bytes)
-        items.clear()
+        puts[PROGRESS_KEY] = json.dumps(state).encode()
+        store.commit(puts)
         rows.clear()
         batch_bytes = 0
 
+    root = str(source.root)
     stream = _prepared(source, options, state["next"], workers)
     try:
         for index, result in stream:
             rel, label = source.samples[index]
+            path = os.path.join(root, rel)
             bar.update(1, result.size_in)
             summary.processed += 1
             summary.processed_bytes += result.size_in
-            value = None
-            if result.error is None:
-                value, error = _record_value(source.root / rel, result, label)
-                result = result if error is None else Prepared(result.size_in, error=error)
-            if result.error is not None:
+            key = record_key(state["written"])
+            error = result.error or store.put_record(key, path, result, label)
+            if error is not None:
                 if on_error == "fail":
                     commit(index)  # keep what came before: fix the file and --resume
-                    raise ConvertError(f"{source.root / rel}: {result.error}")
-                warn(f"warning: skipped {source.root / rel}: {result.error}")
-                state["skipped"].append({"source": rel, "error": result.error})
+                    raise ConvertError(f"{path}: {error}")
+                warn(f"warning: skipped {path}: {error}")
+                state["skipped"].append({"source": rel, "error": error})
                 continue
-            key = record_key(state["written"])
-            items.append((key, value))
             nbytes = result.size_in if result.payload is None else len(result.payload)
             rows.append(
                 {"key": key.decode(), "label": label, "width": result.width, "height": result.height,
@@ -353,32 +391,14 @@ def _run(
             )
             state["written"] += 1
             state["bytes_in"] += result.size_in
-            state["bytes_out"] += len(value)
-            batch_bytes += len(value)
+            state["bytes_out"] += HEADER.size + len(result.index) + nbytes
+            batch_bytes += nbytes
             if batch_bytes >= commit_bytes:
                 commit(index + 1)
         commit(len(source.samples))
     finally:
         stream.close()  # stops the worker pool at once if we are leaving on an error
         bar.close()
-
-
-def _record_value(path: Path, result: Prepared, label: int) -> tuple[bytearray | bytes | None, str | None]:
-    """The record for ``result``, or an error. An unchanged file is read again here (hot in
-    the page cache) straight into the record's buffer, after its header: one copy."""
-    if result.payload is not None:
-        return encode_record(result.payload, label, result.width, result.height, result.kind, result.index), None
-    value = bytearray(HEADER.size + result.size_in)
-    value[: HEADER.size] = pack_header(label, result.width, result.height, result.kind, 0, result.crc32)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            n = f.readinto(memoryview(value)[HEADER.size :])
-            changed = n != result.size_in or f.read(1)
-    except OSError as e:
-        return None, f"cannot read: {e.strerror or e}"
-    # The CRC was computed by the worker that checked the file; a file rewritten since then
-    # would be caught by inspect --verify, a resized one here.
-    return (None, "file changed while being converted") if changed else (value, None)
 
 
 def _prepared(source: Source, options: ConvertOptions, start: int, workers: int) -> Iterator[tuple[int, Prepared]]:
@@ -425,18 +445,12 @@ def _finish(store: _PartialStore, source: Source, store_options: dict, state: di
     # One chunk, so the bytes do not depend on where an interrupted run was resumed.
     table = pa.concat_tables(tables).combine_chunks() if tables else META_SCHEMA.empty_table()
     table = with_store_metadata(table, source.classes, store_options, state["skipped"])
-    keys = "\n".join(table.column("key").to_pylist()).encode()
-    meta = meta_to_bytes(table)
-
-    def put_meta(txn: lmdb.Transaction) -> None:
-        txn.put(META_KEY, meta)
-        txn.put(LEN_KEY, str(table.num_rows).encode())
-        txn.put(KEYS_KEY, keys)
-        for key in batch_keys:
-            txn.delete(key)
-        txn.delete(PROGRESS_KEY)
-
-    store.write(put_meta, len(meta) + len(keys))
+    puts = {
+        META_KEY: meta_to_bytes(table),
+        LEN_KEY: str(table.num_rows).encode(),
+        KEYS_KEY: "\n".join(table.column("key").to_pylist()).encode(),
+    }
+    store.commit(puts, deletes=(*batch_keys, PROGRESS_KEY))
 
 
 def _publish(partial: Path, out: Path) -> None:
