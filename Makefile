@@ -18,7 +18,7 @@ ext: $(EXT_SO)
 $(EXT_SO): effitrain/csrc/jpegext.c $(STAMP)
 	@$(CC) -O2 -Wall -shared -fPIC -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
 	  $< -ljpeg -o $@ 2>$(VENV)/jpegext-build.log \
-	  || echo "effitrain: C JPEG extension not built (see $(VENV)/jpegext-build.log); using the torchvision.io/PIL fallback"
+	  || echo "effitrain: C JPEG extension not built (see $(VENV)/jpegext-build.log); using the PIL fallback"
 
 test: venv ext
 	$(PY) -m pytest

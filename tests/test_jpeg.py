@@ -130,6 +130,8 @@ def transcoded():
 def test_transcode_is_lossless_baseline_with_a_restart_per_mcu(transcoded, kind, size):
     original, ref, new, index = transcoded(kind, size)
     assert np.array_equal(pil_rgb(new), ref)
+    # Our Huffman tables are the ones libjpeg's (slower) optimize_coding builds: same bytes.
+    assert jpeg._ext.transcode(original, True) == (new, index)
     codes = markers(new)
     assert 0xC0 in codes or 0xC1 in codes  # sequential Huffman, even from progressive
     assert 0xC2 not in codes and 0xDD in codes

@@ -1,9 +1,9 @@
 /*
  * effitrain._jpegext: random-access JPEG over libjpeg-turbo.
  *
- * transcode(data)                  -> (jpeg, index) | None
+ * transcode(data, libjpeg_tables=False) -> (jpeg, index) | None
  *     Lossless transcode (DCT coefficients copied, never re-quantised) to a sequential
- *     Huffman JPEG with optimised tables and a restart marker after every MCU, plus a small
+ *     Huffman JPEG with optimal tables and a restart marker after every MCU, plus a small
  *     index of where each MCU row starts. None where decoded pixels could change.
  * crop(data, index, box)           -> (sub_jpeg, inner_box)
  *     A small valid JPEG made of just the MCUs a box needs (same tables, new frame size,
@@ -199,6 +199,172 @@ static int progression_complete(j_decompress_ptr src) {
   return 1;
 }
 
+/* ------------------------------------------------- optimal Huffman tables
+ * libjpeg's own optimize_coding gathers statistics with a slow per-coefficient loop
+ * (twice the time of decoding the file). We count the same symbols here, build the tables
+ * with the JPEG standard's procedure (Annex K.2, same tie-breaking as libjpeg, so the
+ * output is the same bytes), and let libjpeg encode once with them. */
+
+/* Zigzag position -> natural (row-major) index in an 8x8 block. */
+static const uint8_t ZIGZAG[DCTSIZE2] = {
+    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,  12, 19, 26, 33, 40, 48,
+    41, 34, 27, 20, 13, 6,  7,  14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23,
+    30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63};
+
+#define MAX_SYMBOL_BITS 11 /* DC difference categories go up to 11 at 8 bits, AC up to 10 */
+
+typedef struct {
+  long dc[NUM_HUFF_TBLS][257], ac[NUM_HUFF_TBLS][257];
+} Stats;
+
+static int bit_length(int v) { return v == 0 ? 0 : 32 - __builtin_clz((unsigned)(v < 0 ? -v : v)); }
+
+/* Count one block's symbols; last_dc is the component's DC predictor. */
+static int count_block(const JCOEF *block, int *last_dc, long *dc, long *ac) {
+  int nbits = bit_length(block[0] - *last_dc);
+  *last_dc = block[0];
+  if (nbits > MAX_SYMBOL_BITS) return -1;
+  dc[nbits]++;
+  /* Most AC coefficients are zero: find the others from a bit mask (no branch per
+   * coefficient), each coded as (zeros before it, its size). */
+  uint64_t nonzero = 0;
+  for (int k = 1; k < DCTSIZE2; k++) nonzero |= (uint64_t)(block[ZIGZAG[k]] != 0) << k;
+  int prev = 0;
+  while (nonzero) {
+    int k = __builtin_ctzll(nonzero), run = k - prev - 1;
+    for (; run > 15; run -= 16) ac[0xF0]++; /* ZRL: 16 zeros */
+    nbits = bit_length(block[ZIGZAG[k]]);
+    if (nbits > MAX_SYMBOL_BITS) return -1;
+    ac[(run << 4) + nbits]++;
+    prev = k;
+    nonzero &= nonzero - 1;
+  }
+  if (prev < DCTSIZE2 - 1) ac[0]++; /* EOB: zeros up to the end */
+  return 0;
+}
+
+/* Statistics of the scan jpeg_write_coefficients will write for these coefficients: one
+ * interleaved scan (a grayscale scan's MCU is one block), predictors reset at every MCU
+ * (restart interval 1), and the dummy blocks that pad edge MCUs coded as jctrans.c codes
+ * them: DC equal to the previous block's (difference 0), then EOB. */
+static int gather(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *coefs, Stats *st) {
+  int ncomp = src->num_components, hmax = 1, vmax = 1;
+  for (int ci = 0; ci < ncomp && ncomp > 1; ci++) {
+    if (src->comp_info[ci].h_samp_factor > hmax) hmax = src->comp_info[ci].h_samp_factor;
+    if (src->comp_info[ci].v_samp_factor > vmax) vmax = src->comp_info[ci].v_samp_factor;
+  }
+  JDIMENSION mcus_x = (src->image_width + 8 * hmax - 1) / (8 * hmax);
+  JDIMENSION mcus_y = (src->image_height + 8 * vmax - 1) / (8 * vmax);
+  if (ncomp == 1) {
+    mcus_x = src->comp_info[0].width_in_blocks;
+    mcus_y = src->comp_info[0].height_in_blocks;
+  }
+  for (JDIMENSION my = 0; my < mcus_y; my++) {
+    JBLOCKARRAY rows[MAX_COMPONENTS];
+    for (int ci = 0; ci < ncomp; ci++) {
+      int v = ncomp == 1 ? 1 : src->comp_info[ci].v_samp_factor;
+      rows[ci] = (*src->mem->access_virt_barray)((j_common_ptr)src, coefs[ci], my * v, (JDIMENSION)v, FALSE);
+    }
+    for (JDIMENSION mx = 0; mx < mcus_x; mx++)
+      for (int ci = 0; ci < ncomp; ci++) {
+        jpeg_component_info *c = &src->comp_info[ci];
+        int h = ncomp == 1 ? 1 : c->h_samp_factor, v = ncomp == 1 ? 1 : c->v_samp_factor, last_dc = 0;
+        long *dc = st->dc[dst->comp_info[ci].dc_tbl_no], *ac = st->ac[dst->comp_info[ci].ac_tbl_no];
+        for (int yi = 0; yi < v; yi++)
+          for (int xi = 0; xi < h; xi++) {
+            JDIMENSION bx = mx * h + xi, by = my * v + yi;
+            if (bx < c->width_in_blocks && by < c->height_in_blocks) {
+              if (count_block(rows[ci][yi][bx], &last_dc, dc, ac) < 0) return -1;
+            } else {
+              dc[0]++;
+              ac[0]++;
+            }
+          }
+      }
+  }
+  return 0;
+}
+
+/* Code lengths limited to 16 bits from symbol frequencies (JPEG Annex K.2), written into
+ * tbl. freq[256] is a reserved pseudo-symbol so that no code is all ones. */
+static int optimal_table(const long counts[257], JHUFF_TBL *tbl) {
+  enum { MAX_LEN = 32 };
+  long freq[257];
+  int sym[257], codesize[257], others[257], n = 0, bits[MAX_LEN + 1];
+  for (int i = 0; i < 256; i++)
+    if (counts[i]) sym[n++] = i;
+  sym[n++] = 256;
+  for (int i = 0; i < n; i++) {
+    freq[i] = sym[i] == 256 ? 1 : counts[sym[i]];
+    codesize[i] = 0;
+    others[i] = -1;
+  }
+  /* Merge the two least frequent nodes until one is left; ties go to the larger symbol. */
+  for (;;) {
+    int c1 = -1, c2 = -1;
+    long v1 = 0, v2 = 0;
+    for (int i = 0; i < n; i++)
+      if (freq[i] && (c1 < 0 || freq[i] <= v1)) c1 = i, v1 = freq[i];
+    for (int i = 0; i < n; i++)
+      if (freq[i] && i != c1 && (c2 < 0 || freq[i] <= v2)) c2 = i, v2 = freq[i];
+    if (c2 < 0) break;
+    freq[c1] += freq[c2];
+    freq[c2] = 0;
+    for (codesize[c1]++; others[c1] >= 0; codesize[c1]++) c1 = others[c1];
+    others[c1] = c2;
+    for (codesize[c2]++; others[c2] >= 0; codesize[c2]++) c2 = others[c2];
+  }
+  memset(bits, 0, sizeof bits);
+  for (int i = 0; i < n; i++) {
+    if (codesize[i] > MAX_LEN) return -1;
+    bits[codesize[i]]++;
+  }
+  /* Shorten codes longer than 16 bits, keeping the code complete. */
+  for (int i = MAX_LEN; i > 16; i--)
+    while (bits[i] > 0) {
+      int j = i - 2;
+      while (bits[j] == 0) j--;
+      bits[i] -= 2;
+      bits[i - 1]++;
+      bits[j + 1] += 2;
+      bits[j]--;
+    }
+  int longest = 16;
+  while (bits[longest] == 0) longest--;
+  bits[longest]--; /* drop the reserved symbol's code */
+  memset(tbl->bits, 0, sizeof tbl->bits);
+  for (int i = 1; i <= 16; i++) tbl->bits[i] = (UINT8)bits[i];
+  int p = 0;
+  for (int len = 1; len <= MAX_LEN; len++)
+    for (int i = 0; i < n; i++)
+      if (codesize[i] == len && sym[i] != 256) tbl->huffval[p++] = (UINT8)sym[i];
+  tbl->sent_table = FALSE;
+  return 0;
+}
+
+/* Give dst the optimal tables for these coefficients (instead of optimize_coding). */
+static int set_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *coefs) {
+  Stats *st = calloc(1, sizeof *st);
+  int rc = st == NULL ? -1 : gather(src, dst, coefs, st);
+  for (int t = 0; t < NUM_HUFF_TBLS && rc == 0; t++) {
+    int dc_used = 0, ac_used = 0;
+    for (int ci = 0; ci < dst->num_components; ci++) {
+      dc_used |= dst->comp_info[ci].dc_tbl_no == t;
+      ac_used |= dst->comp_info[ci].ac_tbl_no == t;
+    }
+    if (dc_used) {
+      if (dst->dc_huff_tbl_ptrs[t] == NULL) dst->dc_huff_tbl_ptrs[t] = jpeg_alloc_huff_table((j_common_ptr)dst);
+      rc = optimal_table(st->dc[t], dst->dc_huff_tbl_ptrs[t]);
+    }
+    if (ac_used && rc == 0) {
+      if (dst->ac_huff_tbl_ptrs[t] == NULL) dst->ac_huff_tbl_ptrs[t] = jpeg_alloc_huff_table((j_common_ptr)dst);
+      rc = optimal_table(st->ac[t], dst->ac_huff_tbl_ptrs[t]);
+    }
+  }
+  free(st);
+  return rc;
+}
+
 /* Build the index of a freshly written transcode: find SOF and SOS, then walk the restart
  * markers, checking they come one per MCU in order. */
 static int build_index(const uint8_t *buf, size_t len, uint8_t **index_out, size_t *index_len, char *msg) {
@@ -254,7 +420,9 @@ typedef struct {
   size_t jpeg_len, index_len;
 } Transcoded;
 
-static int transcode_impl(const uint8_t *data, size_t len, Transcoded *out) {
+/* libjpeg_tables: let libjpeg's optimize_coding build the Huffman tables (slower; the
+ * tests use it to check that ours are the same). */
+static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, Transcoded *out) {
   struct jpeg_decompress_struct src;
   struct jpeg_compress_struct dst;
   ErrorMgr err;
@@ -288,7 +456,8 @@ static int transcode_impl(const uint8_t *data, size_t len, Transcoded *out) {
    * (YCbCr/grayscale), which makes every decoder read the colour space as before. */
   jpeg_copy_critical_parameters(&src, &dst);
   dst.restart_interval = 1;
-  dst.optimize_coding = TRUE;
+  if (libjpeg_tables) dst.optimize_coding = TRUE;
+  else if (set_optimal_tables(&src, &dst, coefs) < 0) goto done; /* coefficients out of range */
   dest.cap = len + 65536;
   dest.buf = malloc(dest.cap);
   if (dest.buf == NULL) ERREXIT1(&dst, JERR_OUT_OF_MEMORY, 0);
@@ -502,11 +671,11 @@ static int parse_box(PyObject *obj, long box[4]) {
 static PyObject *py_transcode(PyObject *self, PyObject *args) {
   Py_buffer in;
   Transcoded t;
-  int status;
-  if (!PyArg_ParseTuple(args, "y*:transcode", &in)) return NULL;
+  int status, libjpeg_tables = 0;
+  if (!PyArg_ParseTuple(args, "y*|p:transcode", &in, &libjpeg_tables)) return NULL;
   memset(&t, 0, sizeof t);
   Py_BEGIN_ALLOW_THREADS
-  status = transcode_impl(in.buf, (size_t)in.len, &t);
+  status = transcode_impl(in.buf, (size_t)in.len, libjpeg_tables, &t);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&in);
   if (status != T_OK) {
@@ -645,7 +814,7 @@ static PyObject *py_info(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"transcode", py_transcode, METH_VARARGS,
-     "transcode(data) -> (jpeg, index) or None: lossless restart-per-MCU transcode."},
+     "transcode(data, libjpeg_tables=False) -> (jpeg, index) or None: lossless restart-per-MCU transcode."},
     {"crop", py_crop, METH_VARARGS, "crop(data, index, box) -> (sub_jpeg, inner_box)."},
     {"decode", py_decode, METH_VARARGS, "decode(data, box, out): decode box of a JPEG as RGB into out."},
     {"decode_crop", py_decode_crop, METH_VARARGS, "decode_crop(data, index, box, out): crop + decode into out."},

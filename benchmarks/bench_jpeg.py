@@ -1,0 +1,147 @@
+"""Random-access JPEG (effitrain.jpeg) on one CPU core: transcode cost and size, crop decode
+speed against full-frame decodes, as ratios measured in the same run.
+
+    .venv/bin/python benchmarks/bench_jpeg.py ../corpus/train [--n 1000] [--rounds 3] [--json OUT]
+
+Images are read into memory first (no file I/O is timed). The process is pinned to one
+core with torch.set_num_threads(1). Crop boxes follow torchvision's RandomResizedCrop
+(scale 0.08-1, ratio 3/4-4/3), drawn once with a fixed seed; every decode produces the
+box's uint8 RGB pixels (full-frame decoders decode everything, then cut). Rounds alternate
+the methods so drift hits them all alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import RandomResizedCrop
+
+from effitrain import jpeg
+
+warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+
+
+def load(folder: Path, n: int) -> list[bytes]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
+    step = max(1, len(files) // n)  # spread over all classes
+    return [p.read_bytes() for p in files[::step][:n]]
+
+
+def rrc_boxes(sizes: list[tuple[int, int]], seed: int) -> list[tuple[int, int, int, int]]:
+    """(top, left, height, width) from torchvision's own RandomResizedCrop.get_params."""
+    torch.manual_seed(seed)
+    rrc = RandomResizedCrop(224)
+    return [tuple(rrc.get_params(torch.empty(0, h, w), rrc.scale, rrc.ratio)) for w, h in sizes]
+
+
+def measure_transcode(originals: list[bytes]) -> dict:
+    times, kept = [], []
+    for data in originals:
+        start = time.perf_counter()
+        result = jpeg.transcode(data)
+        times.append(time.perf_counter() - start)
+        kept.append(result)
+    done = [(o, r) for o, r in zip(originals, kept) if r is not None]
+    orig = sum(len(o) for o, _ in done)
+    new = sum(len(r[0]) for _, r in done)
+    index = sum(len(r[1]) for _, r in done)
+    return {
+        "images": len(originals),
+        "refused": len(originals) - len(done),
+        "ms_median": 1e3 * statistics.median(times),
+        "ms_mean": 1e3 * statistics.fmean(times),
+        "ms_p95": 1e3 * sorted(times)[int(0.95 * len(times))],
+        "size_change_pct": 100 * (new / orig - 1),
+        "size_change_with_index_pct": 100 * ((new + index) / orig - 1),
+        "index_bytes_mean": index / max(1, len(done)),
+        "results": kept,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="an ImageFolder of JPEGs (the realistic corpus)")
+    parser.add_argument("--n", type=int, default=1000, help="images to use")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--core", type=int, default=0, help="CPU core to pin to")
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+    if not jpeg.available():
+        raise SystemExit("bench_jpeg: the C extension is not built (make ext)")
+    os.sched_setaffinity(0, {args.core})
+    torch.set_num_threads(1)
+
+    originals = load(args.folder, args.n)
+    tc = measure_transcode(originals)
+    # Crop decoding runs on what the store would hold: transcoded where possible.
+    items = [(r[0], r[1]) if r is not None else (o, b"") for o, r in zip(originals, tc.pop("results"))]
+    sizes = [Image.open(io.BytesIO(o)).size for o in originals]
+    boxes = rrc_boxes(sizes, seed=0)
+    tensors = [torch.frombuffer(bytearray(o), dtype=torch.uint8) for o in originals]
+
+    def pil_full(i, box):
+        t, l, h, w = box
+        return np.asarray(Image.open(io.BytesIO(originals[i])).convert("RGB"))[t : t + h, l : l + w]
+
+    def tv_full(i, box):
+        t, l, h, w = box
+        return decode_jpeg(tensors[i], mode=ImageReadMode.RGB)[:, t : t + h, l : l + w]
+
+    def c_full(i, box):
+        t, l, h, w = box
+        return jpeg.decode(originals[i])[t : t + h, l : l + w]
+
+    def crop_decode(i, box):
+        return jpeg.decode_crop(items[i][0], items[i][1], box)
+
+    def sub_jpeg_only(i, box):
+        return jpeg.crop_jpeg(items[i][0], items[i][1], box)
+
+    def sub_jpeg_tv(i, box):  # the decode="gpu" path, with torchvision's CPU decoder
+        sub, (t, l, h, w) = jpeg.crop_jpeg(items[i][0], items[i][1], box)
+        return decode_jpeg(torch.frombuffer(bytearray(sub), dtype=torch.uint8), mode=ImageReadMode.RGB)[:, t : t + h, l : l + w]
+
+    methods = {
+        "PIL full decode + cut": pil_full,
+        "torchvision.io full decode + cut": tv_full,
+        "effitrain.jpeg.decode full + cut": c_full,
+        "decode_crop (RRC boxes)": crop_decode,
+        "crop_jpeg only (sub-JPEG assembly)": sub_jpeg_only,
+        "crop_jpeg + torchvision.io decode + cut": sub_jpeg_tv,
+    }
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.rounds):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            for i, box in enumerate(boxes):
+                fn(i, box)
+            rates[name].append(len(boxes) / (time.perf_counter() - start))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+
+    print(f"corpus: {args.folder} ({len(originals)} JPEGs, mean {np.mean([len(o) for o in originals]) / 1024:.1f} KiB)")
+    print(
+        f"transcode: {tc['ms_median']:.2f} ms/image median, {tc['ms_mean']:.2f} mean, {tc['ms_p95']:.2f} p95; "
+        f"refused {tc['refused']}/{tc['images']}; size {tc['size_change_pct']:+.2f}% "
+        f"({tc['size_change_with_index_pct']:+.2f}% with the index, {tc['index_bytes_mean']:.0f} B/image)"
+    )
+    pil, tv = median["PIL full decode + cut"], median["torchvision.io full decode + cut"]
+    print(f"{'one core, img/s (median of %d rounds)' % args.rounds:44s} {'img/s':>8s} {'vs PIL':>7s} {'vs tv.io':>8s}")
+    for name, rate in median.items():
+        print(f"{name:44s} {rate:8.0f} {rate / pil:6.2f}x {rate / tv:7.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"transcode": tc, "img_per_s": median}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
