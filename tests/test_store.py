@@ -87,6 +87,8 @@ def test_store_reads_labels_and_sizes_from_metadata(image_store: Path) -> None:
         row = store.meta.slice(i % len(store), 1).to_pylist()[0]
         assert (rec.label, rec.width, rec.height, len(rec.payload)) == (row["label"], row["width"], row["height"], row["nbytes"])
     assert store.read(-1) == store.read(len(store) - 1)
+    view = store.record(2, copy=False)
+    assert view == store.record(2) and bytes(view.payload) == store.read(2)[0]
     with pytest.raises(IndexError):
         store.read(len(store))
     with store._txn_env().begin() as txn:

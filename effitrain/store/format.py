@@ -28,7 +28,7 @@ import enum
 import json
 import struct
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -76,8 +76,7 @@ def record_key(index: int) -> bytes:
     return b"img-%09d" % index
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One decoded record; ``index`` and ``payload`` are views into the LMDB value."""
 
     kind: Kind

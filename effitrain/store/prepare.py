@@ -12,7 +12,6 @@ import io
 import struct
 import zlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from PIL import Image
 
@@ -75,10 +74,11 @@ class BadImage(Exception):
     """A source file that is not a usable image."""
 
 
-def prepare(path: Path, options: ConvertOptions) -> Prepared:
+def prepare(path: str, options: ConvertOptions) -> Prepared:
     """Read and check one source image and build its payload; never raises for bad input."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         return Prepared(size_in=0, error=f"cannot read: {e.strerror or e}")
     try:

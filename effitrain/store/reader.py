@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -26,11 +27,35 @@ from .format import (
 )
 
 
-# LMDB allows one open environment per file and process: every Store of the same store in
-# a process shares one, opened read-only without locks or readahead (random reads). Keyed
-# by process id: a forked child (a DataLoader worker) closes the handle it inherited and
-# opens its own, as LMDB requires.
-_ENVS: dict[tuple[int, int, int], lmdb.Environment] = {}
+class _Handle:
+    """A store's LMDB environment in one process, with one read transaction per thread.
+
+    A complete store never changes, so one snapshot serves every read: no transaction is
+    begun per record. LMDB allows one open environment per file and process, so every
+    Store of the same store in a process shares one handle (read-only, no locks, no
+    readahead: random reads).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.env = lmdb.open(
+            str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048,
+            subdir=path.is_dir(),
+        )
+        self._local = threading.local()
+
+    def txn(self) -> lmdb.Transaction:
+        txn = getattr(self._local, "txn", None)
+        if txn is None:
+            txn = self._local.txn = self.env.begin(buffers=True)
+        return txn
+
+    def close(self) -> None:
+        self.env.close()  # also ends its transactions
+
+
+# Keyed by process id: a forked child (a DataLoader worker) closes the handle it inherited
+# and opens its own, as LMDB requires.
+_HANDLES: dict[tuple[int, int, int], _Handle] = {}
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -38,23 +63,20 @@ def _file_id(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _shared_env(path: Path, file_id: tuple[int, int]) -> lmdb.Environment:
+def _handle(path: Path, file_id: tuple[int, int]) -> _Handle:
     key = (os.getpid(), *file_id)
-    env = _ENVS.get(key)
-    if env is None:
-        for inherited in [k for k in _ENVS if k[1:] == file_id]:
-            _ENVS.pop(inherited).close()  # only unmaps it in this process
-        env = _ENVS[key] = lmdb.open(
-            str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=2048,
-            subdir=path.is_dir(),
-        )
-    return env
+    handle = _HANDLES.get(key)
+    if handle is None:
+        for inherited in [k for k in _HANDLES if k[1:] == file_id]:
+            _HANDLES.pop(inherited).close()  # only unmaps it in this process
+        handle = _HANDLES[key] = _Handle(path)
+    return handle
 
 
-def _close_env(file_id: tuple[int, int]) -> None:
-    env = _ENVS.pop((os.getpid(), *file_id), None)
-    if env is not None:
-        env.close()
+def _close_handle(file_id: tuple[int, int]) -> None:
+    handle = _HANDLES.pop((os.getpid(), *file_id), None)
+    if handle is not None:
+        handle.close()
 
 
 class Store:
@@ -82,15 +104,16 @@ class Store:
             raise StoreError(f"{self.path}: no such store")
         try:
             self._file_id = _file_id(self.path)
-            with _shared_env(self.path, self._file_id).begin(buffers=False) as txn:
-                meta_bytes = txn.get(META_KEY)
-                length = txn.get(LEN_KEY)
+            txn = _handle(self.path, self._file_id).txn()
+            meta_view, length_view = txn.get(META_KEY), txn.get(LEN_KEY)
+            meta_bytes = None if meta_view is None else bytes(meta_view)  # copies: the table outlives the map
+            length = None if length_view is None else bytes(length_view)
         except (OSError, lmdb.Error) as e:
             raise StoreError(f"{self.path}: not an LMDB store ({e})") from None
         try:
             return self._check_meta(meta_bytes, length)
         except StoreError:
-            _close_env(self._file_id)  # hold nothing open for a store we refuse
+            _close_handle(self._file_id)  # hold nothing open for a store we refuse
             raise
 
     def _check_meta(self, meta_bytes: bytes | None, length: bytes | None) -> pa.Table:
@@ -113,7 +136,7 @@ class Store:
         return meta
 
     def _txn_env(self) -> lmdb.Environment:
-        return _shared_env(self.path, self._file_id)
+        return _handle(self.path, self._file_id).env
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -135,25 +158,35 @@ class Store:
             raise IndexError(f"record {i} out of range for a store of {n}")
         return record_key(i % n)
 
-    def raw(self, i: int) -> bytes:
-        """The whole value of record ``i`` (header, index, payload)."""
-        key = self._key(i)
-        with self._txn_env().begin(buffers=False) as txn:
-            value = txn.get(key)
+    def _view(self, key: bytes) -> memoryview:
+        """The value under ``key``, as a view into the map: valid until ``close()``."""
+        value = _handle(self.path, self._file_id).txn().get(key)
         if value is None:
             raise StoreError(f"{self.path}: record {key.decode()} is missing")
         return value
 
-    def record(self, i: int) -> Record:
-        """Record ``i`` parsed (header fields, index and payload views)."""
-        return decode_record(self.raw(i), self._key(i))
+    def raw(self, i: int) -> bytes:
+        """The whole value of record ``i`` (header, index, payload)."""
+        return bytes(self._view(self._key(i)))
+
+    def record(self, i: int, copy: bool = True) -> Record:
+        """Record ``i`` parsed: header fields, and index and payload as memoryviews.
+
+        copy=False skips copying the value: the views then point into the store's memory
+        map, valid until ``close()`` is called on this store in this process (e.g. to hand
+        the payload straight to a decoder).
+        """
+        key = self._key(i)
+        view = self._view(key)
+        return decode_record(bytes(view) if copy else view, key)
 
     def read(self, i: int) -> tuple[bytes, int]:
-        """The payload bytes and label of record ``i``."""
-        rec = self.record(i)
+        """The payload bytes and label of record ``i`` (the payload copied once from the map)."""
+        key = self._key(i)
+        rec = decode_record(self._view(key), key)
         return bytes(rec.payload), rec.label
 
     def close(self) -> None:
         """Close this process's handle on the store (shared by every Store of it here;
         they reopen it on their next read)."""
-        _close_env(self._file_id)
+        _close_handle(self._file_id)

@@ -350,20 +350,21 @@ def _run(
 
     bar = Progress("convert", total=len(source.samples), initial=state["next"], enabled=show_progress)
     warn = warn or bar.write
-    rows: list[dict] = []  # metadata of the records in the open transaction
+    rows: dict[str, list] = {name: [] for name in META_SCHEMA.names}  # of the open transaction
     batch_bytes = 0
 
     def commit(next_index: int) -> None:
         nonlocal batch_bytes
         state["next"] = next_index
         puts = {}
-        if rows:
-            batch = pa.Table.from_pylist(rows, schema=META_SCHEMA)
+        if rows["key"]:
+            batch = pa.table(rows, schema=META_SCHEMA)
             puts[BATCH_PREFIX + b"%09d" % state["batches"]] = meta_to_bytes(batch)
             state["batches"] += 1
         puts[PROGRESS_KEY] = json.dumps(state).encode()
         store.commit(puts)
-        rows.clear()
+        for column in rows.values():
+            column.clear()
         batch_bytes = 0
 
     root = str(source.root)
@@ -385,10 +386,10 @@ def _run(
                 state["skipped"].append({"source": rel, "error": error})
                 continue
             nbytes = result.size_in if result.payload is None else len(result.payload)
-            rows.append(
-                {"key": key.decode(), "label": label, "width": result.width, "height": result.height,
-                 "nbytes": nbytes, "kind": int(result.kind), "source": rel}
-            )
+            for name, value in (("key", key.decode()), ("label", label), ("width", result.width),
+                                ("height", result.height), ("nbytes", nbytes), ("kind", int(result.kind)),
+                                ("source", rel)):
+                rows[name].append(value)
             state["written"] += 1
             state["bytes_in"] += result.size_in
             state["bytes_out"] += HEADER.size + len(result.index) + nbytes
@@ -403,7 +404,8 @@ def _run(
 
 def _prepared(source: Source, options: ConvertOptions, start: int, workers: int) -> Iterator[tuple[int, Prepared]]:
     """``(source index, Prepared)`` for every image from ``start``, in source order."""
-    paths = [str(source.root / rel) for rel, _ in source.samples]
+    root = str(source.root)
+    paths = [os.path.join(root, rel) for rel, _ in source.samples]
     chunks = ((i, paths[i : i + CHUNK]) for i in range(start, len(paths), CHUNK))
     if workers <= 0:
         for first, chunk in chunks:
@@ -434,7 +436,7 @@ def _init_worker() -> None:
 
 
 def _prepare_chunk(paths: list[str], options: ConvertOptions) -> list[Prepared]:
-    return [prepare(Path(p), options) for p in paths]
+    return [prepare(p, options) for p in paths]
 
 
 def _finish(store: _PartialStore, source: Source, store_options: dict, state: dict) -> None:
