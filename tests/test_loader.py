@@ -1,7 +1,7 @@
 """make_loader: batches from a store or an ImageFolder, reproducible, resumable, sharded."""
 
-import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import lmdb
 import numpy as np
@@ -12,7 +12,8 @@ from PIL import Image
 from effitrain import jpeg
 from effitrain.data import decode, make_loader
 from effitrain.data.decode import DecodeError
-from effitrain.data.loader import EpochOrder
+from effitrain.data import loader as loader_module
+from effitrain.data.loader import BufferPool, EpochOrder
 from effitrain.store.format import Kind, decode_record, encode_record, record_key
 from effitrain.store.prepare import ConvertOptions
 from effitrain.store.reader import Store
@@ -218,3 +219,17 @@ def test_gpu_decode_path_on_cpu_matches_cpu_path(which: str, request: pytest.Fix
         cpu = batches(source, train=train, seed=2)
         gpu = batches(source, train=train, seed=2, decode="gpu", device="cpu")
         assert_same(cpu, gpu)
+
+
+def test_buffer_pool_reuses_only_released_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = BufferPool(workers=2, slots=2, batch_size=4, image_size=8)
+    monkeypatch.setattr(loader_module, "get_worker_info", lambda: SimpleNamespace(id=1))  # in worker 1
+    (a, slot_a), (b, slot_b), (c, slot_c) = pool.take(4), pool.take(3), pool.take(4)
+    assert (slot_a, slot_b, slot_c) == (0, 1, -1)  # none free for the third: a fresh batch
+    assert b.shape == (3, 3, 8, 8) and a.is_shared() and c.is_shared()
+    assert a.is_contiguous(memory_format=torch.channels_last)
+    pool.release(1, 0)  # the main process copied batch `a` out
+    d, slot_d = pool.take(4)
+    assert slot_d == 0 and d.data_ptr() == a.data_ptr()
+    assert pool.take(4)[1] == -1 and pool.free[0].all()  # worker 0's buffers untouched
+    assert BufferPool(workers=2, slots=0, batch_size=4, image_size=8).take(4)[1] == -1
