@@ -39,6 +39,7 @@ def cli() -> None:
     effitrain convert SRC OUT      pack an ImageFolder into one LMDB store
     effitrain inspect STORE        what a store holds; --verify checks every record
     effitrain train --config X     train a classifier (configs/*.yaml)
+    effitrain bench DATA           find the bottleneck: storage, decode, loader, model step
     """
 
 
@@ -137,6 +138,42 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: str | Non
     except (ConfigError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     raise SystemExit(status)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Training config to bench with [default: the built-in ResNet-50 recipe].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.amp=bf16 (repeatable).")
+@click.option("--workers", metavar="N,N,...", help="Loader worker counts to measure [default: 1, 2, 4, ... up to the CPU count].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size [default: the config's train.batch_size].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where the model runs [default: CUDA if available].")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True, help="Measured time per figure (warm-up not counted).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON (fields: effitrain/bench/__init__.py).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Also draw a bar chart PNG (needs matplotlib: pip install 'effitrain[plot]').")
+@click.option("-q", "--quiet", is_flag=True, help="No progress line.")
+def bench(data: Path, config_path: str | None, overrides: tuple[str, ...], workers: str | None, batch_size: int | None,
+          device: str | None, seconds: float, json_path: Path | None, plot_path: Path | None, quiet: bool) -> None:
+    """Find the bottleneck: storage, decode, loader, model step and end-to-end img/s of
+    training from DATA (a store or an ImageFolder directory), and a verdict."""
+    from effitrain.bench import BenchError, bench_config, parse_workers, run_bench
+    from effitrain.bench.report import plot, pyplot, table_lines, write_json
+    from effitrain.bench.runner import cpu_count
+    from effitrain.train.config import ConfigError
+
+    try:
+        if plot_path is not None:
+            pyplot()  # a missing matplotlib fails now, not after the measurements
+        counts = parse_workers(workers, cpu_count())
+        cfg = bench_config(config_path, overrides, data, batch_size, device)
+        result = run_bench(data, cfg, counts, seconds, progress=not quiet, config_path=config_path,
+                           on_header=lambda lines: click.echo("\n".join(lines)))
+        click.echo("\n".join(table_lines(result)))
+        if json_path is not None:
+            write_json(result, json_path)
+        if plot_path is not None:
+            plot(result, plot_path)
+    except (BenchError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 def main() -> None:
