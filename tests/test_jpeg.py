@@ -237,6 +237,10 @@ def test_transcode_refuses_what_it_cannot_keep_identical():
     }
     for name, data in refused.items():
         assert jpeg.transcode(data) is None, name
+    # What is stored as is still decodes to PIL's pixels (PIL converts CMYK, decodes PNG).
+    for data in (refused["cmyk"], refused["png"], partial):
+        assert np.array_equal(jpeg.decode(data), pil_rgb(data))
+        assert np.array_equal(jpeg.decode_crop(data, b"", (3, 5, 20, 30)), pil_rgb(data)[3:23, 5:35])
 
 
 @needs_ext

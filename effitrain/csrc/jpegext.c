@@ -171,8 +171,6 @@ static int parse_sof(const uint8_t *data, size_t len, uint32_t sof_pos, Frame *f
 
 /* ------------------------------------------------------------- transcode */
 
-enum { T_OK = 0, T_UNSUPPORTED = 1, T_FAILED = 2 };
-
 /* The layouts that are tested to crop-decode identically: grayscale (any sampling factors
  * of 1 or 2: a lone component is never upsampled) and YCbCr 4:4:4, 4:2:2 and 4:2:0 (luma
  * 1x1, 2x1 or 2x2, chroma 1x1). Others are kept as they are. */
@@ -420,7 +418,8 @@ typedef struct {
   size_t jpeg_len, index_len;
 } Transcoded;
 
-/* libjpeg_tables: let libjpeg's optimize_coding build the Huffman tables (slower; the
+/* 0 with out filled, or -1 where the file is unsupported or corrupt (nothing allocated).
+ * libjpeg_tables: let libjpeg's optimize_coding build the Huffman tables (slower; the
  * tests use it to check that ours are the same). */
 static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, Transcoded *out) {
   struct jpeg_decompress_struct src;
@@ -428,30 +427,21 @@ static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, T
   ErrorMgr err;
   MemDest dest;
   char msg[MSG_LEN];
-  volatile int status = T_FAILED;
+  volatile int status = -1;
 
   memset(&src, 0, sizeof src);
   memset(&dst, 0, sizeof dst);
   dest.buf = NULL;
   src.err = init_error(&err);
   dst.err = &err.pub;
-  if (setjmp(err.jump)) { /* corrupt or unsupported: the caller keeps the original */
-    status = T_FAILED;
-    goto done;
-  }
+  if (setjmp(err.jump)) goto done; /* corrupt or unsupported: the caller keeps the original */
   jpeg_create_decompress(&src);
   jpeg_create_compress(&dst);
   jpeg_mem_src(&src, data, (unsigned long)len);
   jpeg_read_header(&src, TRUE);
-  if (!supported_layout(&src)) {
-    status = T_UNSUPPORTED;
-    goto done;
-  }
+  if (!supported_layout(&src)) goto done;
   jvirt_barray_ptr *coefs = jpeg_read_coefficients(&src);
-  if (!progression_complete(&src)) {
-    status = T_UNSUPPORTED;
-    goto done;
-  }
+  if (!progression_complete(&src)) goto done;
   /* Only the critical parameters are copied: no APPn/COM markers. JFIF is written
    * (YCbCr/grayscale), which makes every decoder read the colour space as before. */
   jpeg_copy_critical_parameters(&src, &dst);
@@ -467,12 +457,11 @@ static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, T
   dst.dest = &dest.pub;
   jpeg_write_coefficients(&dst, coefs);
   jpeg_finish_compress(&dst);
-  jpeg_finish_decompress(&src); /* reads up to EOI: corrupt trailing data fails here */
   out->jpeg_len = dest.cap - dest.pub.free_in_buffer;
   if (build_index(dest.buf, out->jpeg_len, &out->index, &out->index_len, msg) < 0) goto done;
   out->jpeg = dest.buf;
   dest.buf = NULL;
-  status = T_OK;
+  status = 0;
 done:
   jpeg_destroy_compress(&dst);
   jpeg_destroy_decompress(&src);
@@ -678,7 +667,7 @@ static PyObject *py_transcode(PyObject *self, PyObject *args) {
   status = transcode_impl(in.buf, (size_t)in.len, libjpeg_tables, &t);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&in);
-  if (status != T_OK) {
+  if (status < 0) {
     free(t.jpeg);
     free(t.index);
     Py_RETURN_NONE;
