@@ -72,9 +72,9 @@ def stock_in_child(pillow_dir: Path, folder: Path, indices: list[int], core: int
     return float(out[-1])
 
 
-def effitrain_batches(store: Store, images: int, epoch: int, workers: int = 0, batch_size: int = 64) -> int:
-    """(b): effitrain's training batches; ``images`` rounded down to whole batches."""
-    loader = make_loader(store, True, batch_size, workers, device="cpu")
+def effitrain_batches(store: Store, images: int, epoch: int) -> int:
+    """(b): effitrain's training batches, decoded in this process."""
+    loader = make_loader(store, True, 64, 0, device="cpu")
     loader.set_epoch(epoch)
     n = 0
     for x, _ in loader:
@@ -82,6 +82,20 @@ def effitrain_batches(store: Store, images: int, epoch: int, workers: int = 0, b
         if n >= images:
             break
     return n
+
+
+def loader_rate(loader, epoch: int, images: int) -> float:
+    """Wall-clock images/s of ``loader`` from its first batch of ``epoch`` (worker start-up
+    and the first batch's latency not counted) until ``images`` more."""
+    loader.set_epoch(epoch)
+    batches = iter(loader)
+    next(batches)
+    start, n = time.perf_counter(), 0
+    for x, _ in batches:
+        n += len(x)
+        if n >= images:
+            break
+    return n / (time.perf_counter() - start)
 
 
 def full_decode(blobs: list[torch.Tensor]) -> int:
@@ -140,11 +154,11 @@ def main() -> None:
     loader_rates = {}
     if args.loader_images:  # before pinning: the workers use the machine's cores
         for workers in (1, 2):
-            effitrain_batches(store, 256, 0, workers, 64)  # start-up not timed
+            loader = make_loader(store, True, 64, workers, device="cpu")
             loader_rates[workers] = statistics.median(
-                rate(effitrain_batches, store, args.loader_images, 1 + r, workers, 64, clock=time.perf_counter)
-                for r in range(3)
+                loader_rate(loader, epoch, args.loader_images) for epoch in range(3)
             )
+            del loader
 
     os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(1)

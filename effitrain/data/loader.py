@@ -62,7 +62,7 @@ class StoreSource:
         return len(self.store)
 
     def read(self, i: int) -> Sample:
-        rec = self.store.record(i)
+        rec = self.store.record(i, copy=False)  # views into the memory map: decoded, never kept
         name = f"{self.store.path}: record {record_key(i).decode()}"
         return Sample(rec.kind, rec.payload, rec.index, rec.width, rec.height, rec.label, name)
 

@@ -112,14 +112,17 @@ class DevicePrefetcher:
         self.loader = loader
         self.device = torch.device(device)
         self.dtype, self.channels_last = dtype, channels_last
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        # Made on the CPU and copied synchronously: ready before any stream reads them.
+        self.mean = (torch.tensor(mean).view(1, 3, 1, 1) * 255).to(self.device)
+        self.std = (torch.tensor(std).view(1, 3, 1, 1) * 255).to(self.device)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if stream is not None:  # work the caller queued before (e.g. on the mean/std) comes first
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         batches = iter(self.loader)
         pending = self._load(batches, stream)
         while pending is not None:
