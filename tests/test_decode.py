@@ -10,7 +10,14 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from effitrain.data import decode
-from effitrain.data.decode import DecodeError, decode_crop, decode_image, device_decodable_jpeg, resize_into
+from effitrain.data.decode import (
+    DecodeError,
+    decode_crop,
+    decode_image,
+    device_decodable_jpeg,
+    resize_into,
+    resize_via_float,
+)
 from effitrain.data.transforms import CropPlan
 from effitrain.store.format import Kind
 
@@ -105,6 +112,14 @@ def test_val_sample_matches_resize_and_center_crop(width: int, height: int) -> N
     ref = np.array(T.Compose([T.Resize(256), T.CenterCrop(224)])(Image.open(io.BytesIO(data)).convert("RGB")))
     diff = np.abs(hwc(out).astype(int) - ref)
     assert diff.mean() < 1.0, diff.mean()
+
+
+def test_resize_via_float_the_cuda_path_matches_uint8() -> None:
+    crop = torch.from_numpy(smooth_image(300, 250, 3)).permute(2, 0, 1)[None]
+    for size in [(224, 224), (400, 380), (100, 120)]:
+        ours = resize_via_float(crop, size)
+        native = torch.nn.functional.interpolate(crop, size=size, mode="bilinear", antialias=True)
+        assert ours.dtype == torch.uint8 and (ours.int() - native.int()).abs().max() <= 1
 
 
 def test_resize_into_same_size_copies_and_flips() -> None:
