@@ -197,7 +197,9 @@ class EncodedBatches(Dataset):
             resize_into(crop, slot, flip)
         offsets = np.cumsum([0] + [len(c) for c in chunks])
         data = _empty_uint8(int(offsets[-1]))
-        data.numpy()[:] = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        buffer = data.numpy()
+        for chunk, start, end in zip(chunks, offsets.tolist(), offsets[1:].tolist()):
+            buffer[start:end] = np.frombuffer(chunk, dtype=np.uint8)
         return EncodedBatch(
             data, torch.from_numpy(offsets), torch.tensor(boxes, dtype=torch.int64).view(-1, 4),
             torch.tensor(flips), torch.tensor(on_cpu, dtype=torch.int64), pixels,
