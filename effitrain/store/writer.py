@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -214,6 +215,7 @@ class _PartialStore:
             metasync=False, meminit=False, max_dbs=0,
         )
         self._txn: lmdb.Transaction | None = None
+        self._flusher: threading.Thread | None = None
         self._records: list[tuple[bytes, str, Prepared, int]] = []  # in the open transaction
         self._buffer = bytearray(1 << 20)
 
@@ -246,6 +248,11 @@ class _PartialStore:
                 self._redo_larger()
         self._txn = None
         self._records.clear()
+        # Start writing the committed pages to disk now, beside the work that follows, so
+        # the final sync before the rename has little left to do.
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=os.fdatasync, args=(self.fd,), daemon=True)
+            self._flusher.start()
 
     def _put(self, key: bytes, path: str, result: Prepared, label: int) -> str | None:
         assert self._txn is not None
@@ -293,6 +300,8 @@ class _PartialStore:
         try:
             if self._txn is not None:
                 self._txn.abort()
+            if self._flusher is not None:
+                self._flusher.join()
             self.env.sync(True)
         finally:
             self.env.close()
