@@ -95,7 +95,7 @@ def main() -> None:
                                  "--keep-bytes", "-q", "--json", *workers],
     }
     # Per tool: (wall, CPU) differences full - one-per-class; for convert also the
-    # difference of its own timer (--json "seconds": from the listing to the rename),
+    # difference of its own timer (--json "seconds": from after the listing to the rename),
     # which leaves out interpreter start-up and imports and so their noise.
     diffs: dict[str, list[tuple[float, float]]] = {name: [] for name in [*tools, "convert (own timer)"]}
     for rep in range(args.reps):

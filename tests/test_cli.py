@@ -15,10 +15,6 @@ from effitrain.cli import cli
 from effitrain.data import ImageFolderLMDB
 
 
-def effitrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "effitrain", *args], capture_output=True, text=True)
-
-
 def test_version_and_help() -> None:
     runner = CliRunner()
     assert __version__ in runner.invoke(cli, ["--version"]).output
@@ -56,8 +52,13 @@ def test_convert_then_inspect(image_folder: Path, tmp_path: Path) -> None:
 def test_errors_are_one_line(image_folder: Path, image_store: Path, tmp_path: Path, args: list[str], message: str) -> None:
     (tmp_path / "empty").mkdir()
     args = [a.format(tmp=tmp_path, src=image_folder, store=image_store) for a in args]
-    result = effitrain(*args)
-    assert result.returncode == 1
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+
+
+def test_real_command_error_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "effitrain", "convert", str(tmp_path / "missing"),
+                             str(tmp_path / "o.lmdb")], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip() == f"Error: {tmp_path / 'missing'}: no such folder"

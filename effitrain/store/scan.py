@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 
 class SourceError(ValueError):
@@ -40,6 +39,8 @@ class Source:
 
 def scan_imagefolder(root: str | os.PathLike) -> Source:
     """List an ImageFolder tree with torchvision's ``find_classes`` and ``make_dataset``."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset  # imports torch: only here
+
     root = _existing_dir(root)
     try:
         classes, class_to_idx = find_classes(root)
@@ -52,6 +53,8 @@ def scan_imagefolder(root: str | os.PathLike) -> Source:
 
 def scan_flat(root: str | os.PathLike, labels_file: str | os.PathLike) -> Source:
     """List a flat folder of images labelled by ``labels_file`` (``filename,class_name``)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
     root = _existing_dir(root)
     labels_path = Path(labels_file)
     try:

@@ -10,8 +10,9 @@ records together with the batch's metadata rows and the progress (next source in
 records written, files skipped), so after ``kill -9`` the partial store holds exactly a
 prefix of the job, and ``--resume`` continues from there; the result is identical to an
 uninterrupted run. Only the last step writes ``__meta__``, syncs, and renames the folder
-to OUT. Commits do not fsync (a killed process loses nothing the kernel has), the final
-sync before the rename does.
+to OUT. Commits do not wait for the disk (a killed process loses nothing the kernel has;
+a background thread starts writing committed pages out), the final sync before the
+rename makes the store durable.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def convert(
 
 
 def default_workers() -> int:
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
