@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,27 +12,11 @@ import torch
 import torchvision
 
 from effitrain.train import checkpoint
-from effitrain.train.config import Config, ConfigError, DataConfig, OptimConfig, ProgressiveConfig
-from effitrain.train.distributed import DistEnv
+from effitrain.train.config import ConfigError, DataConfig, OptimConfig, ProgressiveConfig
 from effitrain.train.loop import train_image_size
-from effitrain.train.metrics import MetricLogger, batch_sums, format_val, summarize
+from effitrain.train.metrics import batch_sums, summarize
 from effitrain.train.model import create_model
 from effitrain.train.optim import create_optimizer, create_scheduler, lr_factor, scaled_lr
-
-LOG_LINE = re.compile(
-    r"^Epoch: \[\d+\]\[\d+/\d+\]  Time \d+\.\d{3} \(\d+\.\d{3}\)  Data \d+\.\d{3} \(\d+\.\d{3}\)  "
-    r"Speed \d+\.\d \(\d+\.\d\) img/s  Loss \d+\.\d{4} \(\d+\.\d{4}\)  Error@1 \d+\.\d{3} \(\d+\.\d{3}\)  "
-    r"Error@5 \d+\.\d{3} \(\d+\.\d{3}\)  LR \d+\.\d{4}$"
-)
-VAL_LINE = re.compile(r"^ \* Epoch \d+  Val Loss \d+\.\d{3}  Error@1 \d+\.\d{3}  Error@5 \d+\.\d{3}  \(\d+ img/s\)$")
-
-CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-
-
-def test_issue_examples_match_the_line_patterns() -> None:
-    assert LOG_LINE.match("Epoch: [0][430/5005]  Time 0.409 (0.405)  Data 0.002 (0.003)  Speed 626.6 (628.0) img/s  "
-                          "Loss 6.8381 (6.9754)  Error@1 100.000 (99.850)  Error@5 99.609 (99.259)  LR 0.1000")
-    assert VAL_LINE.match(" * Epoch 0  Val Loss 6.123  Error@1 98.120  Error@5 92.400  (1234 img/s)")
 
 
 # --- learning rate ------------------------------------------------------------------------
@@ -211,24 +194,3 @@ def test_batch_sums_count_top1_top5() -> None:
     assert sums.tolist() == [6.0, 1.0, 1.0, 3.0, 0.0]
     assert summarize(sums.tolist()) == pytest.approx({"loss": 2.0, "error1": 200 / 3, "error5": 200 / 3, "images": 3})
     assert batch_sums(torch.tensor(float("nan")), logits, target)[4] == 1.0
-
-
-def test_metric_logger_prints_the_issue_format(capsys: pytest.CaptureFixture) -> None:
-    logger = MetricLogger(CPU, epoch=3, steps=5, print_freq=2)
-    batches = iter([(None, None)] * 5)
-    printed = []
-    for i in range(5):
-        logger.next_batch(batches)
-        logits = torch.eye(4)[[0, 1, 2, 3]] * (1 if i < 3 else -1)
-        logger.update(torch.tensor(float(i)), logits, torch.arange(4))
-        printed.append(logger.step_done(i, lr=0.1))
-    lines = capsys.readouterr().out.splitlines()
-    assert [p is not None for p in printed] == [True, False, True, False, True]  # 0, 2, and the last
-    assert len(lines) == 3 and all(LOG_LINE.match(line) for line in lines)
-    assert lines[0].startswith("Epoch: [3][0/5]") and lines[-1].startswith("Epoch: [3][4/5]")
-    last = printed[-1]
-    # Value: the mean since the previous line (steps 3 and 4); in brackets: over the epoch.
-    assert last["loss"] == pytest.approx(3.5) and last["loss_avg"] == pytest.approx(2.0)
-    assert last["error1"] == pytest.approx(100.0) and last["error1_avg"] == pytest.approx(40.0)
-    assert "LR 0.1000" in lines[-1] and not last["nonfinite"]
-    assert VAL_LINE.match(format_val(3, {"loss": 1.0, "error1": 2.0, "error5": 0.5, "img_per_s": 10.0}))

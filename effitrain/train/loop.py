@@ -173,8 +173,7 @@ class Checkpointer:
     def save(self, s: TrainState, best: bool = False) -> None:
         """All ranks call this together (RNG states are gathered); rank 0 writes."""
         if not checkpoint.all_finite(s.raw_model):
-            raise NonFiniteLoss(f"the weights are not finite at epoch {s.epoch} step {s.step}; "
-                                f"not saving, {self.path} is kept")
+            raise NonFiniteLoss(f"non-finite weights at epoch {s.epoch} step {s.step}")
         rng = distributed.all_gather_objects(checkpoint.rng_state())
         if self.env.is_main:
             checkpoint.save({
@@ -347,6 +346,18 @@ def _ema(cfg: Config, raw: torch.nn.Module) -> AveragedModel | None:
     return AveragedModel(raw, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True)
 
 
+def create_state(cfg: Config, env: DistEnv, num_classes: int, steps_per_epoch: int) -> TrainState:
+    """The model and everything that trains it, as ``cfg`` says, before any checkpoint is loaded."""
+    raw, model = _model(cfg, env, num_classes)
+    optimizer = create_optimizer(raw, cfg.optim, cfg.train.batch_size)
+    return TrainState(
+        model=model, raw_model=raw, optimizer=optimizer,
+        scheduler=create_scheduler(optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16"),
+        ema=_ema(cfg, raw),
+    )
+
+
 def main(cfg: Config, resume: str | None = None, eval_only: bool = False) -> int:
     """Train as ``cfg`` says (or with ``eval_only``, evaluate a checkpoint); return the exit
     status: 0 when done, 1 on a non-finite loss, 128 + signal number when stopped by one."""
@@ -379,14 +390,7 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
     if steps_per_epoch == 0:
         raise ConfigError(f"train.accum_steps: {cfg.train.accum_steps} micro-batches make no step of an epoch")
 
-    raw, model = _model(cfg, env, len(classes))
-    optimizer = create_optimizer(raw, cfg.optim, cfg.train.batch_size)
-    s = TrainState(
-        model=model, raw_model=raw, optimizer=optimizer,
-        scheduler=create_scheduler(optimizer, cfg.optim, cfg.train.epochs, steps_per_epoch),
-        scaler=torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16"),
-        ema=_ema(cfg, raw),
-    )
+    s = create_state(cfg, env, len(classes), steps_per_epoch)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -401,7 +405,7 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
     _describe(cfg, env, s, classes, val_loader, steps_per_epoch)
 
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    eval_model = torch.compile(raw) if cfg.train.compile else raw
+    eval_model = torch.compile(s.raw_model) if cfg.train.compile else s.raw_model
     try:
         with StopRequest() as stop:
             return _epochs(s, criterion, (train_loader, train_size), val_loader, eval_model, cfg, env, run_log,
@@ -423,11 +427,13 @@ def _evaluate_checkpoint(cfg: Config, env: DistEnv, ck: dict[str, Any], path: Pa
     loader = _loader(cfg, env, train=False, image_size=cfg.data.val_image_size or cfg.data.image_size)
     epoch = ck["epoch"] - (ck["step"] == 0)  # the epoch the weights come from
     env.print(f"Evaluating {path} (epoch {epoch}, step {ck['step']}) on {cfg.data.val}")
-    env.print(format_val(epoch, evaluate(raw, loader, cfg, env)))
+    stats = evaluate(raw, loader, cfg, env)
+    env.print(format_val(epoch, stats))
     ema = _ema(cfg, raw)
     if ema is not None and ck["ema"] is not None:
         ema.load_state_dict(ck["ema"])
         env.print(format_val(epoch, evaluate(ema.module, loader, cfg, env), "EMA Val"))
+    env.print(f"   {stats['images']:.0f} images on {env.world_size} rank(s)")
     return 0
 
 
@@ -446,11 +452,7 @@ def _epochs(s: TrainState, criterion: torch.nn.Module, train: tuple[Loader, int]
         why = train_one_epoch(s, criterion, train_loader, cfg, env, run_log, stop, checkpointer)
         if why != "epoch":
             checkpointer.save(s)
-            reason = signal.Signals(stop.signum).name if why == "signal" else f"train.max_steps={cfg.train.max_steps}"
-            env.print(f"Stopped ({reason}) at epoch {s.epoch}, step {s.step}; checkpoint saved: {checkpointer.path}\n"
-                      f"Resume with: effitrain train --resume {checkpointer.path}"
-                      + (" (under the same torchrun command)" if env.distributed else ""))
-            return 128 + stop.signum if why == "signal" else 0
+            return _stopped(why, s, cfg, env, stop, checkpointer)
 
         stats = evaluate(eval_model, val_loader, cfg, env)
         env.print(format_val(epoch, stats))
@@ -469,8 +471,19 @@ def _epochs(s: TrainState, criterion: torch.nn.Module, train: tuple[Loader, int]
         env.print(f"   epoch {epoch} took {_fmt_duration(took)}; "
                   f"{cfg.train.epochs - epoch - 1} to go, ETA {_fmt_duration(took * (cfg.train.epochs - epoch - 1))}; "
                   f"best Error@1 {s.best_error:.3f}")
+        if distributed.agree(bool(stop.signum))[0] and epoch + 1 < cfg.train.epochs:  # a signal during evaluation
+            return _stopped("signal", s, cfg, env, stop, checkpointer)
     env.print(f"Done: {cfg.train.epochs} epochs, best Error@1 {s.best_error:.3f}; run directory {checkpointer.path.parent}")
     return 0
+
+
+def _stopped(why: str, s: TrainState, cfg: Config, env: DistEnv, stop: StopRequest, checkpointer: Checkpointer) -> int:
+    """Say where the run stopped and how to resume it; return the exit status."""
+    reason = signal.Signals(stop.signum).name if why == "signal" else f"train.max_steps={cfg.train.max_steps}"
+    env.print(f"Stopped ({reason}) at epoch {s.epoch}, step {s.step}; checkpoint saved: {checkpointer.path}\n"
+              f"Resume with: effitrain train --resume {checkpointer.path}"
+              + (" (under the same torchrun command)" if env.distributed else ""))
+    return 128 + stop.signum if why == "signal" else 0
 
 
 def _describe(cfg: Config, env: DistEnv, s: TrainState, classes: list[str], val_loader: Loader, steps: int) -> None:
