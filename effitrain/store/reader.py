@@ -54,8 +54,17 @@ class _Handle:
 
 
 # Keyed by process id: a forked child (a DataLoader worker) closes the handle it inherited
-# and opens its own, as LMDB requires.
+# and opens its own, as LMDB requires. The pid is kept here, not asked of the kernel per read.
 _HANDLES: dict[tuple[int, int, int], _Handle] = {}
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -64,7 +73,7 @@ def _file_id(path: Path) -> tuple[int, int]:
 
 
 def _handle(path: Path, file_id: tuple[int, int]) -> _Handle:
-    key = (os.getpid(), *file_id)
+    key = (_PID, *file_id)
     handle = _HANDLES.get(key)
     if handle is None:
         for inherited in [k for k in _HANDLES if k[1:] == file_id]:
@@ -74,7 +83,7 @@ def _handle(path: Path, file_id: tuple[int, int]) -> _Handle:
 
 
 def _close_handle(file_id: tuple[int, int]) -> None:
-    handle = _HANDLES.pop((os.getpid(), *file_id), None)
+    handle = _HANDLES.pop((_PID, *file_id), None)
     if handle is not None:
         handle.close()
 
@@ -91,6 +100,7 @@ class Store:
         self.path = Path(path)
         self._file_id: tuple[int, int] = (0, 0)
         self.meta = self._load_meta()
+        self._len = self.meta.num_rows
         md = self.meta.schema.metadata
         self.classes: list[str] = json.loads(md[META_CLASSES])
         self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
@@ -144,7 +154,7 @@ class Store:
         return state
 
     def __len__(self) -> int:
-        return self.meta.num_rows
+        return self._len
 
     @cached_property
     def labels(self) -> list[int]:
@@ -153,7 +163,7 @@ class Store:
 
     def _key(self, i: int) -> bytes:
         """The key of record ``i`` (negative ``i`` counts from the end, as for a list)."""
-        n = len(self)
+        n = self._len
         if not -n <= i < n:
             raise IndexError(f"record {i} out of range for a store of {n}")
         return record_key(i % n)
