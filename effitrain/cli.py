@@ -40,6 +40,7 @@ def cli() -> None:
     effitrain inspect STORE        what a store holds; --verify checks every record
     effitrain train --config X     train a classifier (configs/*.yaml)
     effitrain bench DATA           find the bottleneck: storage, decode, loader, model step
+    effitrain demo [--out DIR]     all of the above on drawn data, in a few minutes
     """
 
 
@@ -173,6 +174,21 @@ def bench(data: Path, config_path: str | None, overrides: tuple[str, ...], worke
         if plot_path is not None:
             plot(result, plot_path)
     except (BenchError, ConfigError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-out"), show_default=True, help="Directory for the demo's images, stores, run and bench; a previous demo's is replaced.")
+@click.option("--small", is_flag=True, help="The smallest size (about a minute; for tests): fewer, smaller images at 32 px.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the drawn images (same seed, same files).")
+def demo(out: Path, small: bool, seed: int) -> None:
+    """Draw a small learnable dataset (10 classes of JPEGs), then convert, inspect, train
+    (configs/tiny_cpu.yaml) and bench on it: the whole product in a few minutes on a CPU."""
+    from effitrain.demo import DemoError, run_demo
+
+    try:
+        run_demo(out, small=small, seed=seed)
+    except DemoError as e:
         raise click.ClickException(str(e)) from None
 
 

@@ -147,6 +147,9 @@ def test_verdict_compute_bound() -> None:
     assert v.limit == "model" and v.factor == pytest.approx(2.3)
     assert "compute-bound" in v.text and "2.3x headroom" in v.text and "2 workers would keep up" in v.text
     assert "95%" in v.text  # end to end against the slower of loader (2 workers) and model
+    assert "changed between" not in v.text
+    v = decide(_figures(50_000, 900, {1: 800, 2: 1_500}, 1_000, 1_300), "store", "cuda", 4)
+    assert "130%" in v.text and "changed between the measurements" in v.text
 
 
 def test_verdict_storage_bound() -> None:
@@ -155,18 +158,24 @@ def test_verdict_storage_bound() -> None:
     assert "share the same 2 cores" in v.text
 
 
-def test_measure_excludes_warmup_and_syncs_each_mark() -> None:
-    calls, syncs = [], []
+def test_measure_in_turns_excludes_warmup_and_syncs() -> None:
+    log: list[str] = []
 
-    def work() -> tuple[int, int]:
-        calls.append(len(syncs))  # how many clock marks had been made before this call
-        return 3, 10
+    def work(name: str, n: int):
+        def call() -> tuple[int, int]:
+            log.append(name)
+            return n, 10 * n
+        return call
 
-    rate = measure(work, seconds=0.02, windows=4, sync=lambda: syncs.append(1), warmup_s=0.0, warmup_calls=5)
-    assert len(syncs) == 5  # one mark before the windows, one after each
-    assert calls[:5] == [0] * 5  # the warm-up calls came before the first mark...
-    assert rate.images == 3 * (len(calls) - 5)  # ...and are not counted
-    assert len(rate.img_per_s) == 4 and len(rate.mb_per_s) == 4
+    rates = measure([work("a", 3), work("b", 5)], seconds=0.02, windows=4, sync=lambda: log.append("sync"),
+                    warmup_s=0.0, warmup_calls=2)
+    assert log[:4] == ["a", "a", "b", "b"]  # warm-ups, before any clock read
+    turns = [name for name, before in zip(log[4:], log[3:]) if name != "sync" and before == "sync"]
+    assert turns == ["a", "b"] * 4  # one window each per round, in turns
+    assert log[4:].count("sync") == 2 * 8  # before and after each window
+    for rate, name, n in zip(rates, "ab", (3, 5)):
+        assert rate.images == n * (log.count(name) - 2)  # warm-up calls not counted
+        assert len(rate.img_per_s) == 4 and rate.mb_per_s == pytest.approx([10 * x / 1e6 for x in rate.img_per_s])
 
 
 def test_clock_rates_and_plan() -> None:

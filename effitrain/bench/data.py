@@ -8,6 +8,7 @@ what one worker can do at best.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..data.decode import decode_image
 from ..data.loader import FolderSource, StoreSource, make_loader
@@ -69,6 +71,18 @@ def open_data(path: str | Path) -> Data:
     except FileNotFoundError as e:  # torchvision: no class folders, or no images in them
         raise BenchError(f"{path}: not an ImageFolder directory ({e})") from None
     raise BenchError(f"{path}: no such store or ImageFolder directory")
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch ops on one thread inside the block, as in a DataLoader worker (which sets it so):
+    a per-process figure must not borrow the other cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _cycle(order: np.ndarray) -> Iterator[int]:

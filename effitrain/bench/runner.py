@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import torch
 from .. import jpeg
 from ..progress import Progress
 from ..train.config import Config, check, load_config
-from .data import (BenchError, batch_work, crop_work, endless, full_decode_work, open_data,
+from .data import (BenchError, batch_work, crop_work, endless, full_decode_work, one_thread, open_data,
                    read_work)
 from .report import BenchResult, header_lines
 from .steps import TrainerBench, bench_env
@@ -84,55 +85,56 @@ def run_bench(data_path: str | Path, cfg: Config, workers: list[int], seconds: f
     on_header(header_lines(result.data, result.setup))
     if n < cfg.train.batch_size:
         raise BenchError(f"{data.path}: {n} images make no batch of {cfg.train.batch_size} (use --batch-size)")
-    total = 5 + len(workers) + 2
-    done = [0]
+    groups, numbers = 4 + len(workers), itertools.count(1)
 
-    def run(stage: str, key: str, label: str, measure_it: Callable[[Callable[[int, int], None]], Rate],
+    def run(stage: str, figures: list[tuple[str, str]], measure_them: Callable[[Callable[[int, int], None]], list[Rate]],
             workers: int | None = None) -> None:
-        done[0] += 1
-        bar = Progress(f"[{done[0]}/{total}] {stage}: {label}", enabled=progress)
-        rate = measure_it(lambda images, nbytes: bar.update(images, nbytes))
+        """Measure ``figures`` ((key, label) each) of ``stage`` together, with a progress line."""
+        labels = ", ".join(label for _, label in figures)
+        bar = Progress(f"[{next(numbers)}/{groups}] {stage}: {labels}", enabled=progress)
+        rates = measure_them(lambda images, nbytes: bar.update(images, nbytes))
         bar.close()
-        result.figures.append(Figure(stage, key, label, rate, workers))
+        result.figures += [Figure(stage, key, label, rate, workers) for (key, label), rate in zip(figures, rates)]
 
     sync = device_sync(env.device)
     warm = min(0.25 * seconds, 2.0)
 
-    def timed(work: Callable[[], tuple[int, int]], warmup_calls: int = 1) -> Callable[[Callable[[int, int], None]], Rate]:
-        return lambda on_work: measure(work, seconds, windows, sync, warm, warmup_calls, on_work)
+    def in_turns(*works: Callable[[], tuple[int, int]], warmup_calls: int = 1) -> Callable[..., list[Rate]]:
+        return lambda on_work: measure(works, seconds, windows, sync, warm, warmup_calls, on_work)
 
     # 1. Storage: bytes only.
     shuffled = np.random.default_rng(cfg.train.seed).permutation(n)
-    run("storage", "storage.shuffled", "read, shuffled", timed(read_work(data, shuffled)))
-    run("storage", "storage.sequential", "read, sequential", timed(read_work(data, np.arange(n))))
+    run("storage", [("storage.shuffled", "read, shuffled"), ("storage.sequential", "read, sequential")],
+        in_turns(read_work(data, shuffled), read_work(data, np.arange(n))))
 
-    # 2. Decode + augment, one process, the loader's per-image code.
+    # 2. Decode + augment, one process on one thread like a loader worker, the loader's code.
     size, val_size, resize = cfg.data.image_size, cfg.data.val_image_size or cfg.data.image_size, cfg.data.val_resize
-    run("decode", "decode.train", f"train crop {size} px + flip, 1 process",
-        timed(crop_work(data, True, size, resize, cfg.train.seed)))
-    run("decode", "decode.val", f"val resize {resize} + crop {val_size}, 1 process",
-        timed(crop_work(data, False, val_size, resize, cfg.train.seed)))
-    run("decode", "decode.full", "full decode only (reference), 1 process", timed(full_decode_work(data, shuffled)))
+    with one_thread():
+        run("decode", [("decode.train", f"train crop {size} px + flip, 1 process"),
+                       ("decode.val", f"val resize {resize} + crop {val_size}, 1 process"),
+                       ("decode.full", "full decode only (reference), 1 process")],
+            in_turns(crop_work(data, True, size, resize, cfg.train.seed),
+                     crop_work(data, False, val_size, resize, cfg.train.seed), full_decode_work(data, shuffled)))
 
     # 3. The loader, batches delivered to the device as the trainer gets them.
     trainer = TrainerBench(cfg, env, data.num_classes, steps_per_epoch=n // cfg.train.batch_size)
     for w in workers:
         with _loader_batches(trainer, w, prefetch=True) as batches:
-            run("loader", f"loader.workers={w}", f"{_plural(w, 'worker')} -> {env.device.type}",
-                timed(batch_work(batches), warmup_calls=w + 1), workers=w)
+            run("loader", [(f"loader.workers={w}", f"{_plural(w, 'worker')} -> {env.device.type}")],
+                in_turns(batch_work(batches), warmup_calls=w + 1), workers=w)
 
     # 4. The trainer's step on a synthetic batch on the device: the compute ceiling.
-    run("model", "model.step", f"train step, synthetic batch {cfg.train.batch_size}",
-        lambda on_work: trainer.measure(trainer.synthetic(), seconds, windows, on_batch=lambda k: on_work(k, 0)))
+    run("model", [("model.step", f"train step, synthetic batch {cfg.train.batch_size}")],
+        lambda on_work: [trainer.measure(trainer.synthetic(), seconds, windows, on_batch=lambda k: on_work(k, 0))])
 
-    # 5. End to end: the trainer's loop on its loader.
-    # Its windows are sized from the slower of the two stages it combines.
+    # 5. End to end: the trainer's loop on its loader. Its windows are sized from the
+    # slower of the two stages it combines.
     e2e_workers = cfg.data.workers
     by_key = {f.key: f.rate.median for f in result.figures}
     expected = min(by_key["model.step"], by_key.get(f"loader.workers={e2e_workers}", by_key["model.step"]))
     with _loader_batches(trainer, e2e_workers, prefetch=False) as batches:  # the loop prefetches itself
-        run("end_to_end", "end_to_end", f"training from {data.kind}, {_plural(e2e_workers, 'worker')}",
-            lambda on_work: trainer.measure(batches, seconds, windows, expected, lambda k: on_work(k, 0)),
+        run("end_to_end", [("end_to_end", f"training from {data.kind}, {_plural(e2e_workers, 'worker')}")],
+            lambda on_work: [trainer.measure(batches, seconds, windows, expected, lambda k: on_work(k, 0))],
             workers=e2e_workers)
 
     result.setup["load_after"] = os.getloadavg()[0]

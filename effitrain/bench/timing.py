@@ -2,8 +2,8 @@
 each figure the median of several windows with their spread.
 
 Two ways to drive a measurement:
-  * ``measure(work, ...)`` calls ``work()`` (one chunk of work: a few reads, a batch) until
-    its time is up, cutting the time into windows;
+  * ``measure(works, ...)`` calls each ``work()`` (one chunk of work: a few reads, a batch)
+    in turns, a window each per round, until the time is up;
   * a ``Clock`` is marked from inside a loop someone else runs (the trainer's), at step
     numbers chosen in advance with ``plan_steps``.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +29,20 @@ def device_sync(device: torch.device) -> Sync:
 
 @dataclass(frozen=True)
 class Rate:
-    """A throughput measured over consecutive windows of one run."""
+    """A throughput measured in several windows of one run."""
 
     img_per_s: tuple[float, ...]  # one value per window
     mb_per_s: tuple[float, ...]  # one value per window; empty where no bytes were counted
     images: int  # images in all windows together
     seconds: float  # measured time, all windows together
+
+    @classmethod
+    def of(cls, windows: list[tuple[float, int, int]]) -> Rate:
+        """From ``(seconds, images, bytes)`` of each window."""
+        img = tuple(n / max(dt, 1e-9) for dt, n, _ in windows)
+        mb = tuple(b / max(dt, 1e-9) / 1e6 for dt, _, b in windows)
+        counted_bytes = any(b for _, _, b in windows)
+        return cls(img, mb if counted_bytes else (), sum(n for _, n, _ in windows), sum(dt for dt, _, _ in windows))
 
     @property
     def median(self) -> float:
@@ -55,7 +63,7 @@ class Rate:
 
 class Clock:
     """Window boundaries: at each ``mark``, the device is synchronized, then the time and the
-    running totals of images and bytes are recorded."""
+    running totals of images and bytes are recorded; each two consecutive marks make a window."""
 
     def __init__(self, sync: Sync) -> None:
         self.sync = sync
@@ -69,52 +77,53 @@ class Clock:
         """The windows between consecutive marks (at least two marks)."""
         if len(self.marks) < 2:
             raise ValueError("a rate needs at least two clock marks")
-        img, mb = [], []
-        for (t0, n0, b0), (t1, n1, b1) in zip(self.marks, self.marks[1:]):
-            dt = max(t1 - t0, 1e-9)
-            img.append((n1 - n0) / dt)
-            mb.append((b1 - b0) / dt / 1e6)
-        (t_first, n_first, _), (t_last, n_last, b_last) = self.marks[0], self.marks[-1]
-        return Rate(tuple(img), tuple(mb) if b_last else (), n_last - n_first, t_last - t_first)
+        return Rate.of([(t1 - t0, n1 - n0, b1 - b0) for (t0, n0, b0), (t1, n1, b1) in zip(self.marks, self.marks[1:])])
 
 
 def measure(
-    work: Callable[[], tuple[int, int]],
+    works: Sequence[Callable[[], tuple[int, int]]],
     seconds: float,
     windows: int,
     sync: Sync,
     warmup_s: float,
     warmup_calls: int = 1,
     on_work: Callable[[int, int], None] | None = None,
-) -> Rate:
-    """Throughput of ``work`` (each call returns the images and bytes it handled).
+) -> list[Rate]:
+    """Throughput of each of ``works`` (each call returns the images and bytes it handled).
 
-    First a warm-up of at least ``warmup_calls`` calls and ``warmup_s`` seconds, not
-    counted; then ``windows`` windows of ``seconds / windows`` each (a window holds at
-    least one call). ``on_work(images, nbytes)`` sees every call (a progress line).
+    First a warm-up of each, at least ``warmup_calls`` calls and ``warmup_s`` seconds, not
+    counted. Then ``windows`` rounds, each giving every work one window of ``seconds /
+    windows`` (at least one call): measured in turns, the works see the same changes of
+    load on the machine, so their ratios hold even where absolute figures drift.
+    ``on_work(images, nbytes)`` sees every call (a progress line).
     """
-    start = time.perf_counter()
-    calls = 0
-    while calls < warmup_calls or time.perf_counter() - start < warmup_s:
+
+    def call(work: Callable[[], tuple[int, int]]) -> tuple[int, int]:
         n, b = work()
-        calls += 1
         if on_work is not None:
             on_work(n, b)
-    clock = Clock(sync)
-    clock.mark(0, 0)
-    t0 = clock.marks[0][0]
-    images = nbytes = 0
-    for w in range(1, windows + 1):
-        deadline = t0 + seconds * w / windows
-        while True:
-            n, b = work()
-            images, nbytes = images + n, nbytes + b
-            if on_work is not None:
-                on_work(n, b)
-            if time.perf_counter() >= deadline:  # host clock only: no sync per call
-                break
-        clock.mark(images, nbytes)
-    return clock.rate()
+        return n, b
+
+    for work in works:
+        start, calls = time.perf_counter(), 0
+        while calls < warmup_calls or time.perf_counter() - start < warmup_s:
+            call(work)
+            calls += 1
+    found: list[list[tuple[float, int, int]]] = [[] for _ in works]
+    share = seconds / windows
+    for _ in range(windows):
+        for work, out in zip(works, found):
+            sync()  # nothing queued before the window counts in it
+            t0 = time.perf_counter()
+            images = nbytes = 0
+            while True:
+                n, b = call(work)
+                images, nbytes = images + n, nbytes + b
+                if time.perf_counter() - t0 >= share:  # host clock only: no sync per call
+                    break
+            sync()
+            out.append((time.perf_counter() - t0, images, nbytes))
+    return [Rate.of(w) for w in found]
 
 
 MIN_WINDOWS = 3

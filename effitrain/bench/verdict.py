@@ -86,4 +86,7 @@ def decide(figures: Sequence[Figure], data_kind: str, device: str, cpus: int) ->
              f"{100 * e2e.rate.median / slower:.0f}% of the slower of its loader and model step")
     if device == "cpu":
         text += f" (on the CPU, the model and the loader workers share the same {cpus} cores)"
+    if e2e.rate.median > 1.1 * slower:  # cannot be, unless the machine got faster meanwhile
+        text += ("; faster than the slower stage: other work on this machine changed between the "
+                 "measurements, rerun for steadier figures")
     return Verdict(limit, factor, text + ".")
