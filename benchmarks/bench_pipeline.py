@@ -84,18 +84,31 @@ def effitrain_batches(store: Store, images: int, epoch: int) -> int:
     return n
 
 
-def loader_rate(loader, epoch: int, images: int) -> float:
-    """Wall-clock images/s of ``loader`` from its first batch of ``epoch`` (worker start-up
-    and the first batch's latency not counted) until ``images`` more."""
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids``."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def loader_rate(loader, epoch: int, images: int) -> tuple[float, float, float]:
+    """``loader``'s wall-clock images/s from its first batch of ``epoch`` (worker start-up
+    and the first batch's latency not counted) until ``images`` more, and the CPU time per
+    image of its workers and of this (the main) process."""
     loader.set_epoch(epoch)
     batches = iter(loader)
     next(batches)
-    start, n = time.perf_counter(), 0
+    workers = [w.pid for w in loader._loader._iterator._workers]  # the persistent DataLoader's workers
+    start, cpu_main, cpu_workers, n = time.perf_counter(), time.process_time(), process_cpu(workers), 0
     for x, _ in batches:
         n += len(x)
         if n >= images:
             break
-    return n / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return n / wall, (process_cpu(workers) - cpu_workers) / n, (time.process_time() - cpu_main) / n
 
 
 def full_decode(blobs: list[torch.Tensor]) -> int:
@@ -151,13 +164,13 @@ def main() -> None:
         store.raw(i)
 
     print(f"load average at the start: {os.getloadavg()[0]:.2f} (on {os.cpu_count()} cores)")
-    loader_rates = {}
+    loader_rates, loader_cpu = {}, {}
     if args.loader_images:  # before pinning: the workers use the machine's cores
         for workers in (1, 2):
             loader = make_loader(store, True, 64, workers, device="cpu")
-            loader_rates[workers] = statistics.median(
-                loader_rate(loader, epoch, args.loader_images) for epoch in range(3)
-            )
+            runs = [loader_rate(loader, epoch, args.loader_images) for epoch in range(3)]
+            loader_rates[workers] = statistics.median(r[0] for r in runs)
+            loader_cpu[workers] = tuple(statistics.median(r[k] for r in runs) for k in (1, 2))
             del loader
 
     os.sched_setaffinity(0, {args.core})
@@ -190,11 +203,20 @@ def main() -> None:
     )
     if loader_rates:
         print(
-            f"DataLoader end to end, {args.loader_images} images: 1 worker {loader_rates[1]:.0f}/s, "
+            f"DataLoader end to end, {args.loader_images} images, wall clock: 1 worker {loader_rates[1]:.0f}/s, "
             f"2 workers {loader_rates[2]:.0f}/s = {loader_rates[2] / loader_rates[1]:.2f}x"
         )
+        (w1, m1), (w2, m2) = loader_cpu[1], loader_cpu[2]
+        # One worker runs at 1 / w1 (the main process on the other core); two workers and the
+        # main process share two cores: at most 2 / (w2 + m2). For a busy shared machine.
+        print(
+            f"  CPU per image: workers {w1 * 1e6:.0f} / {w2 * 1e6:.0f} us, main process {m1 * 1e6:.0f} / "
+            f"{m2 * 1e6:.0f} us (1 / 2 workers): on 2 idle cores, 2 workers at most "
+            f"{2 * w1 / (w2 + m2):.2f}x"
+        )
     if args.json:
-        print(json.dumps({"median_images_per_s": med, "rounds": rates, "loader_images_per_s": loader_rates}))
+        print(json.dumps({"median_images_per_s": med, "rounds": rates, "loader_images_per_s": loader_rates,
+                          "loader_cpu_s_per_image_workers_main": loader_cpu}))
 
 
 if __name__ == "__main__":
