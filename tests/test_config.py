@@ -123,7 +123,7 @@ def test_unknown_keys_and_wrong_types(tmp_path: Path, text: str, overrides: tupl
     (("optim.momentum=1.0",), 1, "optim.momentum"),
     (("optim.weight_decay=-1",), 1, "optim.weight_decay"),
     (("optim.label_smoothing=1.0",), 1, "optim.label_smoothing"),
-    (("optim.warmup_epochs=90",), 1, "optim.warmup_epochs"),
+    (("optim.warmup_epochs=91",), 1, "optim.warmup_epochs: must be >= 0 and <= train.epochs 90, got 91.0"),
     (("optim.step_milestones=[60, 30]",), 1, "optim.step_milestones"),
     (("train.batch_size=250",), 4, "train.batch_size: 250 is not divisible by world size 4 x train.accum_steps 1"),
     (("train.batch_size=256", "train.accum_steps=3"), 1, "train.batch_size: 256 is not divisible"),

@@ -334,8 +334,8 @@ def check(cfg: Config, world_size: int = 1, check_paths: bool = True, need_train
     need(not o.nesterov or o.momentum > 0, "optim.nesterov", "needs optim.momentum > 0")
     need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing", f"must be in [0, 1), got {o.label_smoothing}")
-    need(0 <= o.warmup_epochs < t.epochs, "optim.warmup_epochs",
-         f"must be >= 0 and < train.epochs {t.epochs}, got {o.warmup_epochs}")
+    need(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs",
+         f"must be >= 0 and <= train.epochs {t.epochs}, got {o.warmup_epochs}")
     need(0 < o.warmup_start_factor <= 1, "optim.warmup_start_factor", f"must be in (0, 1], got {o.warmup_start_factor}")
     need(all(x > 0 for x in o.step_milestones) and o.step_milestones == sorted(set(o.step_milestones)),
          "optim.step_milestones", f"must be increasing positive epochs, got {o.step_milestones}")
