@@ -56,7 +56,7 @@ def cli() -> None:
 @click.option("--verify-decode", is_flag=True, help="Fully decode every image, not just the cheap structural check.")
 @click.option("--resume", is_flag=True, help="Continue OUT.partial left by an interrupted run of the same command.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (once the new store is complete).")
-@click.option("--commit-mb", type=click.FloatRange(min=0, min_open=True), default=128, show_default=True, help="Megabytes per LMDB transaction: the unit of crash recovery.")
+@click.option("--commit-mb", type=click.FloatRange(min=0, min_open=True), default=8, show_default=True, help="Megabytes per LMDB transaction: the unit of crash recovery.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress line.")
 def convert(src: Path, out: Path, labels: Path | None, keep_bytes: bool, max_size: int | None, quality: int,
