@@ -8,6 +8,7 @@ from torchvision import transforms as T
 from effitrain.data.transforms import (
     RATIO,
     SCALE,
+    Crop,
     CropPlan,
     center_crop_box,
     center_fallback_box,
@@ -81,15 +82,19 @@ def test_sample_randomness_is_a_function_of_seed_epoch_index() -> None:
     assert 0.45 < np.mean(flips) < 0.55
 
 
-@pytest.mark.parametrize("width,height", [(500, 375), (375, 500), (256, 256), (1000, 300)])
-def test_center_crop_box_matches_resize_then_center_crop(width: int, height: int) -> None:
-    top, left, h, w = center_crop_box(width, height, 224, 256)
-    # Resize(256) scales by 256 / shorter side; the 224 crop is 224/256 of the shorter side.
+@pytest.mark.parametrize("width,height", [(500, 375), (375, 500), (256, 256), (1000, 300), (180, 120)])
+def test_center_crop_box_is_resize_then_center_crop(width: int, height: int) -> None:
+    (top, left, h, w), (x0, y0, x1, y1) = center_crop_box(width, height, 224, 256)
+    # Resize(256) scales by 256 / shorter side: the 224 crop spans 224/256 of the shorter side,
+    # centred like CenterCrop's anchor (rounded in the resized image: within a resized pixel).
     scale = min(width, height) / 256
-    assert abs(h - 224 * scale) <= 1 and abs(w - 224 * scale) <= 1
-    # Centred: the margins on each side differ by at most a pixel or two after rounding.
-    assert abs(top - (height - top - h)) <= 2 and abs(left - (width - left - w)) <= 2
-    assert CropPlan(train=False)(width, height, 5, 7) == ((top, left, h, w), False)
+    assert x1 - x0 == pytest.approx(224 * scale, rel=0.01) and y1 - y0 == pytest.approx(224 * scale, rel=0.01)
+    cx, cy = left + (x0 + x1) / 2, top + (y0 + y1) / 2
+    assert abs(cx - width / 2) <= scale and abs(cy - height / 2) <= scale
+    # The region to decode holds the box and the filter's reach around it, within the image.
+    assert 0 <= top and 0 <= left and top + h <= height and left + w <= width
+    assert x0 >= min(left, 1) and y0 >= min(top, 1) and x1 <= w and y1 <= h
+    assert CropPlan(train=False)(width, height, 5, 7) == Crop((top, left, h, w), False, (x0, y0, x1, y1))
 
 
 def test_val_resize_smaller_than_image_size_is_an_error() -> None:

@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .. import jpeg
 from ..store.format import Kind
-from .transforms import Box
+from .transforms import Box, SourceBox
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -107,14 +107,25 @@ def device_decodable_jpeg(data: bytes | memoryview) -> bool:
     return False
 
 
-def resize_into(crop: torch.Tensor, out: torch.Tensor, flip: bool) -> None:
-    """Resize ``crop`` to ``out``'s size (bilinear, antialiased), flip it, write it into ``out``.
+def resize_into(crop: torch.Tensor, out: torch.Tensor, flip: bool, source: SourceBox | None = None) -> None:
+    """Resize ``crop`` (or its fractional ``source`` box) to ``out``'s size (bilinear,
+    antialiased), flip it, write it into ``out``.
 
-    On the CPU torch resizes uint8 directly (with AVX2: no float round trip) with the filter
-    of PIL's BILINEAR resize, which torchvision's PIL pipeline uses; elsewhere via float.
-    Called directly rather than through torchvision's resize, whose checks cost ~25% of it.
+    Whole crops: on the CPU torch resizes uint8 directly (with AVX2: no float round trip)
+    with the filter of PIL's BILINEAR resize, which torchvision's PIL pipeline uses;
+    elsewhere via float. Called directly, not through torchvision's resize, whose checks
+    cost ~25% of it. A ``source`` box (validation's Resize + CenterCrop, on the CPU) is
+    resampled by PIL, the one resize that takes a fractional box.
     """
     size = tuple(out.shape[-2:])
+    if source is not None:
+        hwc = np.ascontiguousarray(crop.permute(1, 2, 0).numpy())
+        image = Image.frombuffer("RGB", (hwc.shape[1], hwc.shape[0]), hwc, "raw", "RGB", 0, 1)
+        image = image.resize(size[::-1], Image.BILINEAR, box=source)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        out.permute(1, 2, 0).numpy()[...] = np.asarray(image)
+        return
     if tuple(crop.shape[-2:]) != size:
         # A batch of one whose batch stride is the whole image: unambiguously channels_last
         # for an HWC crop, so the result stays HWC (else torch repacks it planar, and

@@ -160,8 +160,8 @@ class DecodedBatches(Dataset):
         labels = []
         for out, i in zip(images, indices.tolist()):
             s = self.source.read(i)
-            box, flip = self.plan(s.width, s.height, epoch, i)
-            resize_into(decode_crop(s.kind, s.data, s.index, box, s.name), out, flip)
+            crop = self.plan(s.width, s.height, epoch, i)
+            resize_into(decode_crop(s.kind, s.data, s.index, crop.box, s.name), out, crop.flip, crop.source)
             labels.append(s.label)
         info = get_worker_info()
         return images, torch.tensor(labels, dtype=torch.int64), 0 if info is None else info.id, slot
@@ -170,9 +170,12 @@ class DecodedBatches(Dataset):
 class EncodedBatches(Dataset):
     """Batch spec -> ``EncodedBatch`` for ``decode="gpu"``: each crop as the JPEG bytes that
     hold it (for a random-access JPEG, a small JPEG of the crop's MCUs) and its box in them.
-    Images a GPU cannot decode (PNG, CMYK, ...) are decoded here and travel as pixels."""
+    Images a GPU cannot decode (PNG, CMYK, ...) are decoded here and travel as pixels.
+    Training crops only: validation's fractional boxes are resampled on the CPU."""
 
     def __init__(self, source: StoreSource | FolderSource, plan: CropPlan) -> None:
+        if not plan.train:
+            raise ValueError("decode='gpu' is for training batches; validation decodes on the CPU")
         self.source, self.plan = source, plan
 
     def __getitem__(self, spec: tuple[int, np.ndarray]) -> EncodedBatch:
@@ -181,7 +184,7 @@ class EncodedBatches(Dataset):
         chunks, boxes, flips, labels, names, on_cpu, cpu_crops = [], [], [], [], [], [], []
         for k, i in enumerate(indices.tolist()):
             s = self.source.read(i)
-            box, flip = self.plan(s.width, s.height, epoch, i)
+            box, flip, _ = self.plan(s.width, s.height, epoch, i)
             encoded = encode_crop(s.kind, s.data, s.index, box, s.name)
             if encoded is None:
                 on_cpu.append(k)
@@ -340,8 +343,9 @@ def make_loader(
       or from ``rank``/``world_size`` when given).
     seed: with the epoch, fixes the order and every crop and flip.
     decode: "cpu" decodes in the workers (batches pinned when ``device`` is CUDA); "gpu" has
-      workers cut each crop's JPEG bytes and decodes batches on ``device`` (then the images
-      are already there).
+      workers cut each crop's JPEG bytes and decodes training batches on ``device`` (then
+      the images are there already; labels stay on the CPU). Validation always decodes
+      on the CPU: its exact Resize + CenterCrop is a fractional-box resample.
     device: where batches go (default: CUDA if available, else CPU).
     """
     if decode not in DECODERS:
@@ -366,6 +370,8 @@ def make_loader(
         raise ValueError(
             f"{source}: {len(src)} images make no batch of {batch_size} on each of {world_size} rank(s)"
         )
+    # Validation's Resize + CenterCrop needs a fractional-box resample, done on the CPU.
+    decode = decode if train else "cpu"
     # CPU-decoded batches for a CUDA device are pinned; GPU-decoded ones are there already.
     pin = decode == "cpu" and device.type == "cuda" and torch.cuda.is_available()
     if decode == "gpu":

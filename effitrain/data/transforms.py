@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 Box = tuple[int, int, int, int]  # top, left, height, width
+SourceBox = tuple[float, float, float, float]  # left, top, right, bottom (PIL's resize box)
 
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -59,11 +61,14 @@ def center_fallback_box(width: int, height: int) -> Box:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def center_crop_box(width: int, height: int, image_size: int, resize: int) -> Box:
-    """``Resize(resize)`` then ``CenterCrop(image_size)`` as one box in the original image.
+def center_crop_box(width: int, height: int, image_size: int, resize: int) -> tuple[Box, SourceBox]:
+    """``Resize(resize)`` then ``CenterCrop(image_size)`` as a region of the original image.
 
-    Resizing the returned box to ``image_size`` x ``image_size`` gives (within rounding of the
-    box to whole pixels) what torchvision's Resize + CenterCrop give.
+    Returns the region to decode (whole pixels) and, inside it, the fractional box
+    ``(left, top, right, bottom)`` that the crop's pixels come from. Resampling that box
+    straight to ``image_size`` with PIL's ``resize(box=...)`` uses the very filter taps of
+    resizing the whole image and cutting: the pixels of torchvision's Resize + CenterCrop.
+    The region adds the filter's reach around the box (clipped to the image).
     """
     if resize < image_size:
         raise ValueError(f"val_resize {resize} is smaller than image_size {image_size}")
@@ -72,30 +77,41 @@ def center_crop_box(width: int, height: int, image_size: int, resize: int) -> Bo
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_w, new_h = int(resize * width / height), resize
-    # CenterCrop's anchor in the resized image.
+    # CenterCrop's anchor in the resized image, mapped back to the original.
     top = int(round((new_h - image_size) / 2.0))
     left = int(round((new_w - image_size) / 2.0))
-    # Map the crop's edges back to the original and round them to whole pixels.
     sy, sx = height / new_h, width / new_w
-    y0, y1 = round(top * sy), round((top + image_size) * sy)
-    x0, x1 = round(left * sx), round((left + image_size) * sx)
-    y1, x1 = max(min(y1, height), y0 + 1), max(min(x1, width), x0 + 1)
-    return y0, x0, y1 - y0, x1 - x0
+    x0, y0, x1, y1 = left * sx, top * sy, (left + image_size) * sx, (top + image_size) * sy
+    # A bilinear filter reaches max(scale, 1) input pixels from an output pixel's centre.
+    mx, my = math.ceil(max(sx, 1.0)) + 1, math.ceil(max(sy, 1.0)) + 1
+    rx0, ry0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+    rx1, ry1 = min(width, math.ceil(x1) + mx), min(height, math.ceil(y1) + my)
+    return (ry0, rx0, ry1 - ry0, rx1 - rx0), (x0 - rx0, y0 - ry0, x1 - rx0, y1 - ry0)
+
+
+class Crop(NamedTuple):
+    """What one sample contributes: decode ``box``, resample ``source`` (all of it when
+    None) to the output size, flip it if ``flip``."""
+
+    box: Box
+    flip: bool
+    source: SourceBox | None = None
 
 
 @dataclass(frozen=True)
 class CropPlan:
-    """Each sample's crop box and flip: RandomResizedCrop + flip (train) or Resize + CenterCrop."""
+    """Each sample's crop: RandomResizedCrop + flip (train) or Resize + CenterCrop (val)."""
 
     train: bool
     image_size: int = 224
     val_resize: int = 256
     seed: int = 0
 
-    def __call__(self, width: int, height: int, epoch: int, index: int) -> tuple[Box, bool]:
-        """The box and flip of sample ``index`` (``width`` x ``height`` pixels) in ``epoch``."""
+    def __call__(self, width: int, height: int, epoch: int, index: int) -> Crop:
+        """The crop of sample ``index`` (``width`` x ``height`` pixels) in ``epoch``."""
         if not self.train:
-            return center_crop_box(width, height, self.image_size, self.val_resize), False
+            box, source = center_crop_box(width, height, self.image_size, self.val_resize)
+            return Crop(box, False, source)
         rng = sample_rng(self.seed, epoch, index)
         box = random_resized_crop_box(width, height, rng)
-        return box, rng.random() < 0.5
+        return Crop(box, rng.random() < 0.5)
