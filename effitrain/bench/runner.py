@@ -90,8 +90,8 @@ def run_bench(data_path: str | Path, cfg: Config, workers: list[int], seconds: f
     def run(stage: str, figures: list[tuple[str, str]], measure_them: Callable[[Callable[[int, int], None]], list[Rate]],
             workers: int | None = None) -> None:
         """Measure ``figures`` ((key, label) each) of ``stage`` together, with a progress line."""
-        labels = ", ".join(label for _, label in figures)
-        bar = Progress(f"[{next(numbers)}/{groups}] {stage}: {labels}", enabled=progress)
+        names = ", ".join(key.partition(".")[2] or label for key, label in figures)
+        bar = Progress(f"[{next(numbers)}/{groups}] {stage}: {names}", enabled=progress)
         rates = measure_them(lambda images, nbytes: bar.update(images, nbytes))
         bar.close()
         result.figures += [Figure(stage, key, label, rate, workers) for (key, label), rate in zip(figures, rates)]
