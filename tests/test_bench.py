@@ -139,7 +139,9 @@ def test_verdict_data_bound() -> None:
     assert "about 10 workers would keep up" in v.text  # 205 img/s per worker
     assert "more than the" not in v.text
     v = decide(_figures(50_000, 230, {1: 210, 2: 410}, 1_900, 400), "store", "cuda", 8)
-    assert "more than the 8 CPU cores" in v.text
+    assert "more than the 8 CPU cores" in v.text and "data.decode=gpu" in v.text and "convert" not in v.text
+    v = decide(_figures(50_000, 230, {1: 210, 2: 410}, 1_900, 400), "folder", "cpu", 8)
+    assert "convert DATA into a store" in v.text and "data.decode=gpu" not in v.text
 
 
 def test_verdict_compute_bound() -> None:

@@ -75,8 +75,10 @@ def decide(figures: Sequence[Figure], data_kind: str, device: str, cpus: int) ->
             text += f"; each worker gives about {num(per_worker)} img/s (decode + augment alone: {num(decode)})"
         text += f"; about {need} workers would keep up"
         if need > cpus:
-            text += (f", more than the {cpus} CPU cores here: decode on the GPU (data.decode=gpu), "
-                     f"train at a lower resolution, or use a machine with more cores")
+            text += (f", more than the {cpus} CPU cores here: "
+                     + ("convert DATA into a store (its JPEGs decode only the crop), " if data_kind == "folder" else "")
+                     + ("decode on the GPU (data.decode=gpu), " if device == "cuda" else "")
+                     + "train at a lower resolution, or use a machine with more cores")
         text += "."
 
     e2e = by_key["end_to_end"]
