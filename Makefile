@@ -23,5 +23,10 @@ $(EXT_SO): effitrain/csrc/jpegext.c $(STAMP)
 test: venv ext
 	$(PY) -m pytest
 
+# The whole pipeline on drawn data (effitrain/demo.py), after the same set-up as `make test`.
+DEMO_OUT ?= demo-out
+demo: venv ext
+	$(PY) -m effitrain demo --out $(DEMO_OUT)
+
 clean:
 	rm -rf $(VENV) build *.egg-info $(EXT_SO)
