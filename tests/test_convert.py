@@ -18,7 +18,7 @@ from effitrain.store.format import Kind
 from effitrain.store.prepare import ConvertOptions, default_payload
 from effitrain.store.reader import Store
 from effitrain.store.scan import SourceError
-from effitrain.store.writer import ConvertError, _PartialStore, convert, partial_path
+from effitrain.store.writer import Arena, ConvertError, _PartialStore, convert, partial_path
 
 KEEP = ConvertOptions(payload="keep")
 
@@ -214,14 +214,16 @@ def test_resume_with_other_options_or_files_is_refused(image_folder: Path, tmp_p
         convert(src, out, options=KEEP, resume=True, workers=0, progress=False)
 
 
-def test_map_grows_as_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_map_grows_as_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
     monkeypatch.setattr(_PartialStore, "GROW_MIN", 256 << 10)  # start tiny: force several growths
+    monkeypatch.setattr(Arena, "SLOT_BYTES", 300 << 10)  # and some records too big for their arena slot
     src = tmp_path / "src"
     (src / "c").mkdir(parents=True)
     for i in range(8):
         noise = np.random.default_rng(i).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)
         Image.fromarray(noise).save(src / "c" / f"{i}.png")  # ~120 KB each, incompressible
-    convert(src, tmp_path / "s.lmdb", options=KEEP, workers=0, commit_bytes=300 << 10, progress=False)
+    convert(src, tmp_path / "s.lmdb", options=KEEP, workers=workers, commit_bytes=300 << 10, progress=False)
     assert_same_as_imagefolder(tmp_path / "s.lmdb", src)
     assert (tmp_path / "s.lmdb" / "data.mdb").stat().st_size < 2 * sum(p.stat().st_size for p in src.rglob("*.png"))
 

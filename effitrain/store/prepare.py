@@ -1,9 +1,8 @@
 """Per-image work of ``convert``, done in worker processes: read, check, maybe re-encode.
 
-``prepare(path, options)`` returns a small ``Prepared`` result. When the payload is the
-source file unchanged (the common case) the result carries no image bytes: the writer reads
-the file itself, straight from the page cache, instead of receiving it through a pipe.
-Only re-encoded or transcoded payloads travel back to the writer.
+``prepare(path, options)`` reads one source file and returns a ``Prepared``: the payload to
+store (the file's bytes, or a re-encoded or transcoded image), its index, size, kind and
+CRC32, or why the file cannot be used.
 """
 
 from __future__ import annotations
@@ -55,9 +54,10 @@ class ConvertOptions:
 class Prepared:
     """One source image, ready for the writer.
 
-    ``payload`` is None when the record's payload is the source file unchanged (``size``
-    bytes, CRC32 ``crc32``); otherwise it holds the new payload. ``error`` is set (and the
-    rest meaningless) when the file cannot be used.
+    ``crc32`` covers ``index`` and ``payload``, as in the record header. ``error`` is set
+    (and the rest meaningless) when the file cannot be used. In a worker process the
+    record may already be written into memory shared with the writer: then ``payload`` is
+    None and ``stored`` is its (offset, length) there.
     """
 
     size_in: int
@@ -67,7 +67,9 @@ class Prepared:
     crc32: int = 0
     payload: bytes | None = None
     index: bytes = b""
+    nbytes: int = 0  # payload size
     error: str | None = None
+    stored: tuple[int, int] | None = None
 
 
 class BadImage(Exception):
@@ -95,12 +97,12 @@ def prepare(path: str, options: ConvertOptions) -> Prepared:
                 return _result(len(data), Kind.RANDOM_ACCESS_JPEG, width, height, payload, index)
     except BadImage as e:
         return Prepared(size_in=len(data), error=str(e))
-    return Prepared(len(data), Kind.ENCODED, width, height, zlib.crc32(data))
+    return _result(len(data), Kind.ENCODED, width, height, data)
 
 
 def _result(size_in: int, kind: Kind, width: int, height: int, payload: bytes, index: bytes = b"") -> Prepared:
     crc = zlib.crc32(payload, zlib.crc32(index))
-    return Prepared(size_in, kind, width, height, crc, payload, index)
+    return Prepared(size_in, kind, width, height, crc, payload, index, len(payload))
 
 
 def _jpeg_module():

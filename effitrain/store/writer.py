@@ -18,9 +18,12 @@ rename makes the store durable.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fcntl
+import functools
 import gc
 import json
+import mmap
 import multiprocessing as mp
 import os
 import shutil
@@ -45,7 +48,6 @@ from .format import (
     META_KEY,
     META_SCHEMA,
     META_SKIPPED,
-    encode_record,
     meta_from_bytes,
     meta_to_bytes,
     pack_header,
@@ -167,7 +169,7 @@ def convert(
     workers = default_workers() if workers is None else workers
     started = time.perf_counter()
 
-    store = _PartialStore(partial)
+    store = _PartialStore(partial, functools.partial(_rebuild, options=options))
     try:
         state = _start_or_resume(store, source, store_options)
         summary = Summary(str(out), classes=len(source.classes), resumed_from=state["next"] or 0)
@@ -195,16 +197,17 @@ def default_workers() -> int:
 class _PartialStore:
     """The LMDB of ``OUT.partial``, written by this process only, one transaction at a time.
 
-    Records go into the open transaction as they come, from one reused buffer, and are
-    committed together with the progress. If the map fills up, the transaction is redone
-    in a larger map from its list of records (unchanged files are read again), so records
-    never pile up in memory and the map grows only as needed.
+    Records go into the open transaction as they come and are committed together with the
+    progress. If the map fills up, the transaction is redone in a larger map: its records
+    are rebuilt from their source files (``rebuild(path, label)``), so they never pile up
+    in memory and the map grows only as needed.
     """
 
     GROW_MIN, GROW_MAX = 1 << 30, 64 << 30
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rebuild: Callable[[str, int], bytes]) -> None:
         self.path = path
+        self.rebuild = rebuild
         path.mkdir(parents=True, exist_ok=True)
         # One writer per partial store: a second convert of the same OUT would interleave
         # commits. Lock before LMDB touches the file.
@@ -220,21 +223,18 @@ class _PartialStore:
         )
         self._txn: lmdb.Transaction | None = None
         self._flusher: threading.Thread | None = None
-        self._records: list[tuple[bytes, str, Prepared, int]] = []  # in the open transaction
-        self._buffer = bytearray(1 << 20)
+        self._records: list[tuple[bytes, str, int]] = []  # key, source path, label: in the open transaction
 
-    def put_record(self, key: bytes, path: str, result: Prepared, label: int) -> str | None:
-        """Put one record into the open transaction; return an error if its file is gone."""
+    def put_record(self, key: bytes, value: bytes | memoryview, path: str, label: int) -> None:
+        """Put one record (built from the source file ``path``) into the open transaction."""
         if self._txn is None:
             self._txn = self.env.begin(write=True)
         try:
-            error = self._put(key, path, result, label)
+            self._txn.put(key, value, append=True)  # image keys are the largest and increase
         except lmdb.MapFullError:
             self._redo_larger()
-            error = self._put(key, path, result, label)
-        if error is None:
-            self._records.append((key, path, result, label))
-        return error
+            self._txn.put(key, value, append=True)
+        self._records.append((key, path, label))
 
     def commit(self, puts: dict[bytes, bytes], deletes: tuple[bytes, ...] = ()) -> None:
         """Add ``puts`` and ``deletes`` to the open transaction and commit it atomically."""
@@ -258,31 +258,6 @@ class _PartialStore:
             self._flusher = threading.Thread(target=os.fdatasync, args=(self.fd,), daemon=True)
             self._flusher.start()
 
-    def _put(self, key: bytes, path: str, result: Prepared, label: int) -> str | None:
-        assert self._txn is not None
-        if result.payload is not None:
-            value = encode_record(result.payload, label, result.width, result.height, result.kind, result.index)
-            self._txn.put(key, value, append=True)  # image keys are the largest and increase
-            return None
-        # An unchanged file: read again here (hot in the page cache, cheaper than a pipe)
-        # straight into the record buffer, after its header.
-        size = HEADER.size + result.size_in
-        if len(self._buffer) < size:
-            self._buffer = bytearray(size)
-        view = memoryview(self._buffer)[:size]
-        view[: HEADER.size] = pack_header(label, result.width, result.height, result.kind, 0, result.crc32)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                changed = f.readinto(view[HEADER.size :]) != result.size_in or f.read(1)
-        except OSError as e:
-            return f"cannot read: {e.strerror or e}"
-        # The CRC comes from the worker that checked the file: a file resized since is
-        # caught here, one rewritten in place by inspect --verify.
-        if changed:
-            return "file changed while being converted"
-        self._txn.put(key, view, append=True)
-        return None
-
     def _redo_larger(self) -> None:
         """Abort the full transaction, grow the map, put its records again."""
         assert self._txn is not None
@@ -292,9 +267,8 @@ class _PartialStore:
             self.env.set_mapsize(size + min(max(size, self.GROW_MIN), self.GROW_MAX))
             self._txn = self.env.begin(write=True)
             try:
-                for key, path, result, label in self._records:
-                    if self._put(key, path, result, label) is not None:
-                        raise ConvertError(f"{path} changed while being converted; run again with --resume")
+                for key, path, label in self._records:
+                    self._txn.put(key, self.rebuild(path, label), append=True)
                 return
             except lmdb.MapFullError:
                 continue
@@ -381,7 +355,8 @@ def _run(
         batch_bytes = 0
 
     root = str(source.root)
-    stream = _prepared(source, options, state["next"], workers)
+    arena = Arena(workers)
+    stream = _prepared(source, options, state["next"], workers, arena)
     # The loop makes no reference cycles, but its many small objects would trigger the
     # cyclic GC, whose full passes walk every object of the process (torch's included).
     gc_was_enabled = gc.isenabled()
@@ -393,69 +368,136 @@ def _run(
             bar.update(1, result.size_in)
             summary.processed += 1
             summary.processed_bytes += result.size_in
-            key = record_key(state["written"])
-            error = result.error or store.put_record(key, path, result, label)
-            if error is not None:
+            if result.error is not None:
                 if on_error == "fail":
                     commit(index)  # keep what came before: fix the file and --resume
-                    raise ConvertError(f"{path}: {error}")
-                warn(f"warning: skipped {path}: {error}")
-                state["skipped"].append({"source": rel, "error": error})
+                    raise ConvertError(f"{path}: {result.error}")
+                warn(f"warning: skipped {path}: {result.error}")
+                state["skipped"].append({"source": rel, "error": result.error})
                 continue
-            nbytes = result.size_in if result.payload is None else len(result.payload)
-            for name, value in (("key", key.decode()), ("label", label), ("width", result.width),
-                                ("height", result.height), ("nbytes", nbytes), ("kind", int(result.kind)),
-                                ("source", rel)):
-                rows[name].append(value)
+            key = record_key(state["written"])
+            value = arena[slice(*result.stored)] if result.stored else _record_value(result, label)
+            store.put_record(key, value, path, label)
+            row = (key.decode(), label, result.width, result.height, result.nbytes, int(result.kind), rel)
+            for column, item in zip(rows.values(), row):  # in META_SCHEMA's order
+                column.append(item)
             state["written"] += 1
             state["bytes_in"] += result.size_in
-            state["bytes_out"] += HEADER.size + len(result.index) + nbytes
-            batch_bytes += nbytes
+            state["bytes_out"] += len(value)
+            batch_bytes += len(value)
             if batch_bytes >= commit_bytes:
                 commit(index + 1)
         commit(len(source.samples))
     finally:
         stream.close()  # stops the worker pool at once if we are leaving on an error
+        arena.close()
         bar.close()
         if gc_was_enabled:
             gc.enable()
 
 
-def _prepared(source: Source, options: ConvertOptions, start: int, workers: int) -> Iterator[tuple[int, Prepared]]:
+def _record_value(result: Prepared, label: int) -> bytes:
+    """The record for a prepared image: header, index, payload."""
+    assert result.payload is not None
+    header = pack_header(label, result.width, result.height, result.kind, len(result.index), result.crc32)
+    return b"".join((header, result.index, result.payload))
+
+
+def _rebuild(path: str, label: int, options: ConvertOptions) -> bytes:
+    """A record built again from its source file (after the map grew)."""
+    result = prepare(path, options)
+    if result.error is not None:
+        raise ConvertError(f"{path}: {result.error} (changed while being converted?); run again with --resume")
+    return _record_value(result, label)
+
+
+class Arena:
+    """Memory shared by the writer and its forked workers, where workers leave records.
+
+    One slot per task in flight: a worker writes its chunk's records one after the other
+    into the task's slot, and the writer puts them into LMDB straight from there. Image
+    bytes thus cross between processes in one copy, never pickled or piped; a record that
+    does not fit in its slot travels back in the task's result instead.
+    """
+
+    SLOT_BYTES = 4 << 20  # a chunk of ImageNet-sized images (~110 KB each), with room
+
+    def __init__(self, workers: int) -> None:
+        forking = workers > 0 and "fork" in mp.get_all_start_methods()
+        self.slots = 4 * workers if forking else 0
+        self.map = mmap.mmap(-1, self.slots * self.SLOT_BYTES) if self.slots else None
+        self._view = memoryview(self.map) if self.map is not None else None
+
+    def __getitem__(self, where: slice) -> memoryview:
+        assert self._view is not None
+        return self._view[where]
+
+    def close(self) -> None:
+        """Drop the arena; it is unmapped once the last record view of it is gone."""
+        self.map = self._view = None
+
+
+_ARENA: mmap.mmap | None = None  # in a worker: the writer's Arena.map, inherited through fork
+
+
+def _prepared(
+    source: Source, options: ConvertOptions, start: int, workers: int, arena: Arena
+) -> Iterator[tuple[int, Prepared]]:
     """``(source index, Prepared)`` for every image from ``start``, in source order."""
     root = str(source.root)
     paths = [os.path.join(root, rel) for rel, _ in source.samples]
-    chunks = ((i, paths[i : i + CHUNK]) for i in range(start, len(paths), CHUNK))
+    labels = [label for _, label in source.samples]
+    chunks = [(i, paths[i : i + CHUNK], labels[i : i + CHUNK]) for i in range(start, len(paths), CHUNK)]
     if workers <= 0:
-        for first, chunk in chunks:
-            yield from enumerate(_prepare_chunk(chunk, options), first)
+        for first, chunk, chunk_labels in chunks:
+            yield from enumerate(_prepare_chunk(chunk, chunk_labels, None, options), first)
         return
-    # fork is cheapest; the writer has no threads of its own when the pool starts.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
+    # fork is cheapest and shares the arena; the writer's only other thread (the disk
+    # flusher) holds no lock a worker needs.
+    ctx = mp.get_context("fork" if arena.slots else "spawn")
+    window = arena.slots or 4 * workers  # tasks in flight: workers stay ahead, results don't pile up
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(arena.map,)) as pool:
         pending: deque = deque()
-        # A bounded window of tasks in flight: workers stay ahead of the writer, but not so
-        # far that the files they read fall out of the page cache before the writer reads them.
-        for first, chunk in chunks:
-            pending.append((first, pool.apply_async(_prepare_chunk, (chunk, options))))
-            if len(pending) >= 4 * workers:
-                first, task = pending.popleft()
-                yield from enumerate(task.get(), first)
-        while pending:
-            first, task = pending.popleft()
+        free = list(range(window))
+        todo = deque(chunks)
+        while todo or pending:
+            while todo and free:
+                first, chunk, chunk_labels = todo.popleft()
+                slot = free.pop()
+                args = (chunk, chunk_labels, slot if arena.slots else None, options)
+                pending.append((first, slot, pool.apply_async(_prepare_chunk, args)))
+            first, slot, task = pending.popleft()
             yield from enumerate(task.get(), first)
+            free.append(slot)  # the writer has put every record of this slot by now
 
 
-def _init_worker() -> None:
+def _init_worker(arena: mmap.mmap | None) -> None:
     """Workers leave Ctrl-C to the writer (which stops the pool) and die with it on kill -9."""
+    global _ARENA
+    _ARENA = arena
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _prepare_chunk(paths: list[str], options: ConvertOptions) -> list[Prepared]:
-    return [prepare(p, options) for p in paths]
+def _prepare_chunk(paths: list[str], labels: list[int], slot: int | None, options: ConvertOptions) -> list[Prepared]:
+    """Prepare a chunk of images; in a worker with an arena slot, leave the records there."""
+    results = [prepare(p, options) for p in paths]
+    if slot is None or _ARENA is None:
+        return results
+    offset, end = slot * Arena.SLOT_BYTES, (slot + 1) * Arena.SLOT_BYTES
+    for i, (result, label) in enumerate(zip(results, labels)):
+        if result.payload is None:
+            continue
+        size = HEADER.size + len(result.index) + len(result.payload)
+        if offset + size > end:
+            continue  # travels back in the result
+        header = pack_header(label, result.width, result.height, result.kind, len(result.index), result.crc32)
+        _ARENA[offset : offset + size] = b"".join((header, result.index, result.payload))
+        results[i] = dataclasses.replace(result, payload=None, index=b"", stored=(offset, offset + size))
+        offset += size
+    return results
 
 
 def _finish(store: _PartialStore, source: Source, store_options: dict, state: dict) -> None:
