@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from effitrain.store.prepare import ConvertOptions, default_payload
 from effitrain.store.writer import convert
@@ -233,3 +232,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert f"Error: non-finite loss in epoch 1 by step 5; stopped without saving: {run / 'last.pt'} is left as it was" in out
     assert {name: digest(run / name) for name in saved} == saved
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
+
+
+@pytest.mark.parametrize(("amp", "arch"), [("bf16", "resnet18"), ("fp16", "mobilenet_v3_small")])
+def test_mixed_precision_on_the_cpu(data: dict[str, Path], tmp_path: Path, amp: str, arch: str) -> None:
+    """The autocast paths run on the CPU as on CUDA: bf16, and fp16 with its GradScaler,
+    with channels_last; the scaler's state goes into the checkpoint. (fp16 convolutions are
+    ~70x slower than bf16 on the CPU, hence the smaller model.)"""
+    run = tmp_path / "run"
+    assert run_in_process(data, run, f"train.amp={amp}", f"model.arch={arch}", "train.channels_last=true",
+                          "train.max_steps=3", "log.print_freq=1") == 0
+    losses = [r["loss"] for r in records(run, "train")]
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    scaler = checkpoint.load(run / "last.pt")["scaler"]
+    assert (scaler.get("scale", 0) > 0) if amp == "fp16" else scaler == {}
+

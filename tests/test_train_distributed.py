@@ -33,7 +33,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def train(stores: dict[str, Path], run_dir: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    """``effitrain train`` on SqueezeNet 1.1 without dropout, one epoch of global batch 16.
+    """``effitrain train`` on SqueezeNet 1.1 without dropout, one epoch of global batch 16 in
+    two accumulation steps (so DDP skips the gradient all-reduce on the first micro-batch).
 
     SqueezeNet has no BatchNorm: with BN in training mode each rank would normalise with the
     statistics of its own 8 images, not of the 16 a single process sees, and the losses would
@@ -46,7 +47,7 @@ def train(stores: dict[str, Path], run_dir: Path, nproc: int, *args: str) -> sub
     sets = [f"data.train={stores['train']}", f"data.val={stores['val']}", f"log.run_dir={run_dir}",
             "model.arch=squeezenet1_1", "model.kwargs={dropout: 0.0}", "data.image_size=32", "data.val_resize=37",
             "train.batch_size=16", "train.epochs=1", "log.print_freq=1", "data.workers=0", "optim.label_smoothing=0",
-            "optim.lr=4", "optim.warmup_epochs=0"]
+            "optim.lr=4", "optim.warmup_epochs=0", "train.accum_steps=2"]
     command = ["effitrain", "train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
                *[a for s in sets for a in ("--set", s)], *args]
     if nproc > 1:
@@ -74,7 +75,7 @@ def test_two_ranks_match_one_process_and_count_val_images_once(stores: dict[str,
     assert max(r["loss"] for r in single[1:]) > 2.5
     assert [r["error1"] for r in ddp] == [r["error1"] for r in single]
 
-    # 49 validation images: 25 on rank 0, 24 on rank 1, each batch of 8 with a short last one.
+    # 49 validation images: 25 on rank 0, 24 on rank 1, in batches of 4 with a short last one.
     (val_one,), (val_two,) = records(tmp_path / "one", "val"), records(tmp_path / "two", "val")
     assert val_one["images"] == val_two["images"] == 49
     assert val_two["loss"] == pytest.approx(val_one["loss"], rel=1e-4)

@@ -403,6 +403,8 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
                   + (f"; changed settings: {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""))
         run_log.write("resume", s.global_step, {}, epoch=s.epoch, iter=s.step, checkpoint=str(ckpt_path))
     _describe(cfg, env, s, classes, val_loader, steps_per_epoch)
+    if cfg.train.amp == "fp16" and env.device.type == "cpu":
+        env.print("note: fp16 autocast is very slow on the CPU; train.amp=bf16 is its fast path")
 
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     eval_model = torch.compile(s.raw_model) if cfg.train.compile else s.raw_model
