@@ -228,8 +228,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert run_in_process(data, run, "train.epochs=1") == 0
     saved = {name: digest(run / name) for name in ("last.pt", "best.pt")}
     assert run_in_process(data, run, "train.epochs=3", "log.print_freq=5", resume="auto") == 1
-    out = capsys.readouterr().out
-    assert f"Error: non-finite loss in epoch 1 by step 5; stopped without saving: {run / 'last.pt'} is left as it was" in out
+    err = capsys.readouterr().err
+    assert f"Error: non-finite loss in epoch 1 by step 5; stopped without saving: {run / 'last.pt'} is left as it was" in err
     assert {name: digest(run / name) for name in saved} == saved
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".pt") == ["best.pt", "last.pt"]
 

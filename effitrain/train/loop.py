@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -400,8 +401,10 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
         restore(s, ck, env)
         changed = {k: v for k, v in flatten(to_dict(cfg)).items() if flatten(ck["config"]).get(k) != v}
         env.print(f"Resumed from {ckpt_path}: epoch {s.epoch}, step {s.step}/{steps_per_epoch}"
-                  + (f"; changed settings: {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""))
+                  + (f"; settings changed since: {', '.join(f'{k}={v}' for k, v in changed.items())} "
+                     "(optimizer and LR schedule state continue from the checkpoint)" if changed else ""))
         run_log.write("resume", s.global_step, {}, epoch=s.epoch, iter=s.step, checkpoint=str(ckpt_path))
+        ck = None  # loaded: let its tensors (hundreds of MB for ResNet-50) go
     _describe(cfg, env, s, classes, val_loader, steps_per_epoch)
     if cfg.train.amp == "fp16" and env.device.type == "cpu":
         env.print("note: fp16 autocast is very slow on the CPU; train.amp=bf16 is its fast path")
@@ -414,7 +417,8 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
                            stop, checkpointer)
     except NonFiniteLoss as e:
         last = f"{checkpointer.path} is left as it was" if checkpointer.path.exists() else "no checkpoint was written"
-        env.print(f"Error: {e}; stopped without saving: {last}. Try a lower optim.lr, or train.amp=bf16.")
+        env.print(f"Error: {e}; stopped without saving: {last}. Try a lower optim.lr, or train.amp=bf16.",
+                  file=sys.stderr)
         return 1
     finally:
         run_log.close()
