@@ -494,7 +494,10 @@ def _prepare_chunk(paths: list[str], labels: list[int], slot: int | None, option
         if offset + size > end:
             continue  # travels back in the result
         header = pack_header(label, result.width, result.height, result.kind, len(result.index), result.crc32)
-        _ARENA[offset : offset + size] = b"".join((header, result.index, result.payload))
+        payload_at = offset + HEADER.size + len(result.index)
+        _ARENA[offset : offset + HEADER.size] = header
+        _ARENA[offset + HEADER.size : payload_at] = result.index
+        _ARENA[payload_at : offset + size] = result.payload  # the one copy of the image bytes
         results[i] = dataclasses.replace(result, payload=None, index=b"", stored=(offset, offset + size))
         offset += size
     return results
