@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.datasets.folder import find_classes
 
 from ..data.loader import Loader, make_loader
 from ..data.prefetch import DevicePrefetcher
+from ..store.reader import Store
 from . import checkpoint, distributed
 from .config import Config, ConfigError, DataConfig, check, flatten, load_config, save_config, to_dict
 from .distributed import DistEnv
@@ -92,15 +94,13 @@ def _is_store(path: str) -> bool:
     return Path(path).is_file() or (Path(path) / "data.mdb").exists()
 
 
-def _classes(path: str) -> list[str]:
-    """Class names of a store or an ImageFolder directory, without reading images."""
+def _source(path: str) -> tuple[Store | str, list[str]]:
+    """A data source, opened once (a store's metadata is read here, not again by each
+    loader), and its class names; no image is read."""
     if _is_store(path):
-        from ..store.reader import Store
-
-        return Store(path).classes
-    from torchvision.datasets.folder import find_classes
-
-    return find_classes(path)[0]
+        store = Store(path)
+        return store, store.classes
+    return path, find_classes(path)[0]
 
 
 def train_image_size(data: DataConfig, epoch: int) -> int:
@@ -114,12 +114,15 @@ def train_image_size(data: DataConfig, epoch: int) -> int:
     return int(round((p.start_size + frac * (p.end_size - p.start_size)) / p.step)) * p.step
 
 
-def _loader(cfg: Config, env: DistEnv, train: bool, image_size: int) -> Loader:
+def _loader(cfg: Config, env: DistEnv, train: bool, image_size: int, source: Store | str | None = None) -> Loader:
+    """This rank's loader of data.train or data.val (or of ``source``, opened already)."""
     key = "data.train" if train else "data.val"
     per_rank = cfg.train.batch_size // (env.world_size * cfg.train.accum_steps)
+    if source is None:
+        source = cfg.data.train if train else cfg.data.val
     try:
         return make_loader(
-            cfg.data.train if train else cfg.data.val, train=train, batch_size=per_rank,
+            source, train=train, batch_size=per_rank,
             workers=cfg.data.workers, image_size=image_size, val_resize=cfg.data.val_resize,
             distributed=env.distributed, seed=cfg.train.seed, decode=cfg.data.decode, device=env.device,
         )
@@ -379,14 +382,15 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
     if eval_only:
         return _evaluate_checkpoint(cfg, env, ck, ckpt_path)
 
-    classes = _classes(cfg.data.train)
-    if _classes(cfg.data.val) != classes:
+    train_source, classes = _source(cfg.data.train)
+    val_source, val_classes = _source(cfg.data.val)
+    if val_classes != classes:
         raise ConfigError(f"data.val: its classes differ from data.train's ({len(classes)} classes)")
     if ck is not None and ck["classes"] != classes:
         raise ConfigError(f"data.train: {len(classes)} classes, but checkpoint {ckpt_path} has {len(ck['classes'])}")
-    val_loader = _loader(cfg, env, train=False, image_size=cfg.data.val_image_size or cfg.data.image_size)
+    val_loader = _loader(cfg, env, False, cfg.data.val_image_size or cfg.data.image_size, val_source)
     train_size = train_image_size(cfg.data, ck["epoch"] if ck is not None else 0)
-    train_loader = _loader(cfg, env, train=True, image_size=train_size)
+    train_loader = _loader(cfg, env, True, train_size, train_source)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"train.accum_steps: {cfg.train.accum_steps} micro-batches make no step of an epoch")
@@ -399,7 +403,8 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
     checkpointer = Checkpointer(run_dir, cfg, env, classes)
     if ck is not None:
         restore(s, ck, env)
-        changed = {k: v for k, v in flatten(to_dict(cfg)).items() if flatten(ck["config"]).get(k) != v}
+        before = flatten(ck["config"])
+        changed = {k: v for k, v in flatten(to_dict(cfg)).items() if before.get(k) != v}
         env.print(f"Resumed from {ckpt_path}: epoch {s.epoch}, step {s.step}/{steps_per_epoch}"
                   + (f"; settings changed since: {', '.join(f'{k}={v}' for k, v in changed.items())} "
                      "(optimizer and LR schedule state continue from the checkpoint)" if changed else ""))
@@ -413,8 +418,8 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
     eval_model = torch.compile(s.raw_model) if cfg.train.compile else s.raw_model
     try:
         with StopRequest() as stop:
-            return _epochs(s, criterion, (train_loader, train_size), val_loader, eval_model, cfg, env, run_log,
-                           stop, checkpointer)
+            return _epochs(s, criterion, (train_loader, train_size, train_source), val_loader, eval_model, cfg,
+                           env, run_log, stop, checkpointer)
     except NonFiniteLoss as e:
         last = f"{checkpointer.path} is left as it was" if checkpointer.path.exists() else "no checkpoint was written"
         env.print(f"Error: {e}; stopped without saving: {last}. Try a lower optim.lr, or train.amp=bf16.",
@@ -426,11 +431,12 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
 
 def _evaluate_checkpoint(cfg: Config, env: DistEnv, ck: dict[str, Any], path: Path) -> int:
     """``--eval-only``: the checkpoint's model (and EMA) on data.val."""
-    if _classes(cfg.data.val) != ck["classes"]:
+    source, classes = _source(cfg.data.val)
+    if classes != ck["classes"]:
         raise ConfigError(f"data.val: its classes differ from those of checkpoint {path} ({len(ck['classes'])})")
-    raw, _ = _model(cfg, env, len(ck["classes"]))
+    raw, _ = _model(cfg, env, len(classes))
     raw.load_state_dict(ck["model"])
-    loader = _loader(cfg, env, train=False, image_size=cfg.data.val_image_size or cfg.data.image_size)
+    loader = _loader(cfg, env, False, cfg.data.val_image_size or cfg.data.image_size, source)
     epoch = ck["epoch"] - (ck["step"] == 0)  # the epoch the weights come from
     env.print(f"Evaluating {path} (epoch {epoch}, step {ck['step']}) on {cfg.data.val}")
     stats = evaluate(raw, loader, cfg, env)
@@ -443,18 +449,18 @@ def _evaluate_checkpoint(cfg: Config, env: DistEnv, ck: dict[str, Any], path: Pa
     return 0
 
 
-def _epochs(s: TrainState, criterion: torch.nn.Module, train: tuple[Loader, int], val_loader: Loader,
+def _epochs(s: TrainState, criterion: torch.nn.Module, train: tuple[Loader, int, Store | str], val_loader: Loader,
             eval_model: torch.nn.Module, cfg: Config, env: DistEnv, run_log: RunLog, stop: StopRequest,
             checkpointer: Checkpointer) -> int:
     """The epoch loop: train, evaluate, checkpoint; stop on a signal or at train.max_steps."""
-    train_loader, loader_size = train
+    train_loader, loader_size, train_source = train
     for epoch in range(s.epoch, cfg.train.epochs):
         s.epoch = epoch
         t0 = time.perf_counter()
         size = train_image_size(cfg.data, epoch)
         if size != loader_size:  # progressive resizing
             env.print(f"Epoch {epoch}: training resolution {size} px")
-            train_loader, loader_size = _loader(cfg, env, train=True, image_size=size), size
+            train_loader, loader_size = _loader(cfg, env, True, size, train_source), size
         why = train_one_epoch(s, criterion, train_loader, cfg, env, run_log, stop, checkpointer)
         if why != "epoch":
             checkpointer.save(s)
