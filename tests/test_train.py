@@ -247,3 +247,15 @@ def test_mixed_precision_on_the_cpu(data: dict[str, Path], tmp_path: Path, amp: 
     scaler = checkpoint.load(run / "last.pt")["scaler"]
     assert (scaler.get("scale", 0) > 0) if amp == "fp16" else scaler == {}
 
+
+
+def test_progressive_resizing_switches_the_loader(data: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The fast recipe's progressive resizing: epoch 0 at 32 px, epoch 1 at 48 px, evaluation
+    at 48 px throughout."""
+    assert run_in_process(data, tmp_path / "run", "train.epochs=2", "data.progressive.enabled=true",
+                          "data.progressive.start_size=32", "data.progressive.end_size=48", "data.progressive.step=16",
+                          "data.progressive.end_epoch=1", "data.val_image_size=48", "data.val_resize=55") == 0
+    out = capsys.readouterr().out
+    assert "Epoch 1: training resolution 48 px" in out and "resolution 32 px" not in out
+    assert [r["epoch"] for r in records(tmp_path / "run", "val")] == [0, 1]
