@@ -59,7 +59,7 @@ class ImageFolderLMDB(Dataset):
         return self.store.read(index)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
-        record = self.store.record(index)
+        record = self.store.record(index, copy=False)  # views into the map, decoded right away
         sample: Any = decode_rgb(record.payload)
         target: Any = record.label
         if self.transform is not None:
