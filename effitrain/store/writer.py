@@ -1,9 +1,10 @@
 """``convert``: pack a folder of images into a store, in parallel and crash-safe.
 
 Data flow: the source listing (``scan``) is cut into small chunks; worker processes
-``prepare`` each image (read, check, maybe re-encode) and send back a small result; the
-single writer takes results in source order, reads unchanged files again from the page
-cache (cheaper than piping their bytes), and commits records in large transactions.
+``prepare`` each image (read, check, CRC, maybe re-encode or transcode) and leave the
+finished records in memory shared with the writer (``Arena``), sending back only a small
+result; the single writer takes the results in source order, puts the records into LMDB
+straight from the arena, and commits them in transactions of a few megabytes.
 
 Crash safety: everything is written to ``OUT.partial``. Each transaction holds a batch of
 records together with the batch's metadata rows and the progress (next source index,
