@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_small_demo_runs_the_real_commands_and_says_where_everything_is(
     paths, result = demo
     out = result.stdout
     for command in ("convert", "inspect", "train", "bench"):
-        assert f"\n$ effitrain {command} " in out, command
+        assert re.search(rf"^\$ (OMP_NUM_THREADS=\d+ )?effitrain {command} ", out, re.M), command
     # convert's summary, inspect --verify's verdict, train's log, bench's verdict: their own output.
     n_train, n_val = 10 * SMALL.train_per_class, 10 * SMALL.val_per_class
     assert f"train.lmdb: {n_train:,} images, 10 classes, 0 skipped" in out
