@@ -56,10 +56,10 @@ class DemoSize:
     bench_workers: str
 
 
-# About 3-4 minutes on 2 CPU cores: 1,200 images drawn at ImageNet-like sizes; the tiny
-# config as it ships (4 epochs of 1,000 images at 64 px).
+# About 2.5 minutes on 2 shared CPU cores (make demo: 2:22 at load average 3): 1,200 images
+# drawn at ImageNet-like sizes; the tiny config as it ships (4 epochs of 1,000 images at 64 px).
 FULL = DemoSize(100, 20, 300, 500, (), epochs=None, bench_seconds=1.0, bench_workers="1,2")
-# About a minute: small images at 32 px, the settings test_train.py proves learnable.
+# Under a minute: small images at 32 px, the settings test_train.py proves learnable.
 SMALL = DemoSize(40, 10, 48, 96, ("data.image_size=32", "data.val_resize=37", "train.batch_size=32"), epochs=5,
                  bench_seconds=0.3, bench_workers="1")
 
@@ -129,7 +129,7 @@ def make_data(paths: DemoPaths, size: DemoSize, seed: int) -> dict[str, Path]:
 def _shown(path: Path) -> str:
     """``path`` as a user would type it here: relative to the working directory if inside it."""
     try:
-        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
 
