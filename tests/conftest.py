@@ -64,7 +64,7 @@ def encode(kind: str, seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
     return out.getvalue()
 
 
-# (kind, file extension). WEBP only where this PIL was built with it (pillow-simd here is not).
+# (kind, file extension). WEBP only where this PIL was built with libwebp (make venv installs it).
 ODD_KINDS = [
     ("jpeg", ".jpg"), ("jpeg-progressive", ".jpeg"), ("jpeg-444", ".JPEG"), ("jpeg-gray", ".jpg"),
     ("jpeg-cmyk", ".jpg"), ("png", ".png"), ("png-as-jpeg", ".JPEG"), ("png-rgba", ".png"),
