@@ -19,7 +19,6 @@ what a user gets from the same command. ``small=True`` shrinks every step (tests
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .progress import format_duration
-from .store.writer import default_workers
 from .synth import make_imagefolder
 
 MARKER = ".effitrain-demo"  # marks a directory the demo made, so a rerun may replace it
@@ -134,27 +132,12 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def compute_env() -> dict[str, str]:
-    """Environment for the commands that run the model: torch's CPU threads leave one core
-    to the loader's worker (tiny_cpu.yaml has ``data.workers: 1``), unless the user set
-    OMP_NUM_THREADS.
-
-    torch starts one compute thread per core by default. Beside a loader worker on a small
-    machine they oversubscribe the cores, and OpenMP threads spin while they wait: on 2
-    cores with other jobs running, the tiny model trained 2.5-3x faster on 1 thread.
-    """
-    if "OMP_NUM_THREADS" in os.environ:
-        return {}
-    return {"OMP_NUM_THREADS": str(max(1, default_workers() - 1))}
-
-
-def effitrain(*args: str | Path, env: dict[str, str] | None = None) -> None:
-    """Print ``[env] effitrain ARGS`` and run it (this interpreter, ``-m effitrain``); its
+def effitrain(*args: str | Path) -> None:
+    """Print ``effitrain ARGS`` and run it (this interpreter, ``-m effitrain``); its
     output goes straight to the terminal. Raises DemoError if it fails."""
     words = [_shown(a) if isinstance(a, Path) else a for a in args]
-    env = env or {}
-    print(f"$ {shlex.join([*(f'{k}={v}' for k, v in env.items()), 'effitrain', *words])}", flush=True)
-    status = subprocess.call([sys.executable, "-m", "effitrain", *words], env={**os.environ, **env})
+    print(f"$ {shlex.join(['effitrain', *words])}", flush=True)
+    status = subprocess.call([sys.executable, "-m", "effitrain", *words])
     if status != 0:
         raise DemoError(f"'effitrain {words[0]}' failed with exit status {status} (its output is above)")
 
@@ -226,15 +209,14 @@ def run_demo(out: Path, small: bool = False, seed: int = 0) -> DemoPaths:
     steps.begin(f"train: {_shown(config)} from the stores (validation Error@1 by chance: {CHANCE:.0f}%)")
     data = [f"data.train={_shown(paths.store('train'))}", f"data.val={_shown(paths.store('val'))}"]
     epochs = [f"train.epochs={size.epochs}"] if size.epochs else []
-    effitrain("train", "--config", config, *_sets(*data, *size.settings, *epochs, f"log.run_dir={_shown(paths.run_dir)}"),
-              env=compute_env())
+    effitrain("train", "--config", config, *_sets(*data, *size.settings, *epochs, f"log.run_dir={_shown(paths.run_dir)}"))
     errors = validation_errors(paths.run_dir)
     steps.end("validation Error@1 by epoch: " + " -> ".join(f"{e:.1f}" for e in errors) + f" (chance {CHANCE:.0f})")
 
     steps.begin("bench: where would training time go? storage, decode, loader, model step")
     paths.bench_plot.parent.mkdir(parents=True, exist_ok=True)
     effitrain("bench", paths.store("train"), "--config", config, *_sets(*size.settings), "--seconds", f"{size.bench_seconds:g}",
-              "--workers", size.bench_workers, "--json", paths.bench_json, "--plot", paths.bench_plot, env=compute_env())
+              "--workers", size.bench_workers, "--json", paths.bench_json, "--plot", paths.bench_plot)
     steps.end()
 
     total = format_duration(time.perf_counter() - steps.start)

@@ -205,7 +205,7 @@ def readme_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # One shell session, as a user's: the first block's `export DATA=...` holds for the later ones.
     assert f"export DATA={DATA_ROOT} " in README.read_text()
     # One compute thread: on 2 shared cores torch's default of one spinning OpenMP thread per
-    # core made these CPU-sized train and bench runs up to 8x slower (see effitrain.demo.compute_env).
+    # core made these CPU-sized train and bench runs up to 8x slower (see effitrain.train.loop.cpu_compute_threads).
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DATA": str(data), "OMP_NUM_THREADS": "1"}
     outputs = []
     for lang, body in blocks(README.read_text()):

@@ -259,3 +259,28 @@ def test_progressive_resizing_switches_the_loader(data: dict[str, Path], tmp_pat
     out = capsys.readouterr().out
     assert "Epoch 1: training resolution 48 px" in out and "resolution 32 px" not in out
     assert [r["epoch"] for r in records(tmp_path / "run", "val")] == [0, 1]
+
+
+def test_cpu_compute_threads_leave_cores_to_loader_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the trainer lowers torch's threads to the cores its loader workers (and
+    other local ranks) leave; OMP_NUM_THREADS set by the user wins."""
+    from effitrain.train import loop
+
+    cpus = len(os.sched_getaffinity(0))
+    assert loop.cpu_compute_threads(0) == cpus
+    assert loop.cpu_compute_threads(1) == max(1, cpus - 1)
+    assert loop.cpu_compute_threads(cpus + 3) == 1
+    assert loop.cpu_compute_threads(1, local_world_size=2) == max(1, cpus // 2 - 1)
+
+    cfg = load_config(TINY, ["data.workers=1"])
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    torch.set_num_threads(cpus + 1)
+    loop._set_backends(cfg, env)
+    assert torch.get_num_threads() == max(1, cpus - 1)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(cpus + 1))
+    torch.set_num_threads(cpus + 1)
+    loop._set_backends(cfg, env)
+    assert torch.get_num_threads() == cpus + 1

@@ -90,7 +90,7 @@ class TrainerBench:
         self.micro_batch = cfg.train.batch_size // cfg.train.accum_steps
         self.sync = device_sync(env.device)
         loop._seed(cfg.train.seed)
-        loop._set_backends(cfg)
+        loop._set_backends(cfg, env)
         raw, model = loop._model(cfg, env, num_classes)
         optimizer = create_optimizer(raw, cfg.optim, cfg.train.batch_size)
         self.state = loop.TrainState(
