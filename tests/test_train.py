@@ -277,10 +277,10 @@ def test_cpu_compute_threads_leave_cores_to_loader_workers(monkeypatch: pytest.M
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     torch.set_num_threads(cpus + 1)
-    loop._set_backends(cfg, env)
+    loop.set_backends(cfg, env)
     assert torch.get_num_threads() == max(1, cpus - 1)
 
     monkeypatch.setenv("OMP_NUM_THREADS", str(cpus + 1))
     torch.set_num_threads(cpus + 1)
-    loop._set_backends(cfg, env)
+    loop.set_backends(cfg, env)
     assert torch.get_num_threads() == cpus + 1

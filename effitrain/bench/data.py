@@ -21,8 +21,7 @@ import torch
 from ..data.decode import decode_image
 from ..data.loader import FolderSource, StoreSource, make_loader
 from ..store.format import StoreError
-from ..store.reader import Store
-from ..train.loop import _is_store
+from ..store.reader import Store, is_store
 
 Work = Callable[[], tuple[int, int]]
 
@@ -62,7 +61,7 @@ def open_data(path: str | Path) -> Data:
     """``path`` as a store (made by ``effitrain convert``) or an ImageFolder directory."""
     path = Path(path)
     try:
-        if _is_store(str(path)):
+        if is_store(path):
             return Data(path, "store", StoreSource(Store(path)))
         if path.is_dir():
             return Data(path, "folder", FolderSource(path))

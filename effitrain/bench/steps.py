@@ -25,7 +25,6 @@ from ..train import loop
 from ..train.config import Config
 from ..train.distributed import DistEnv
 from ..train.metrics import RunLog
-from ..train.optim import create_optimizer, create_scheduler
 from .data import BenchError
 from .timing import Clock, Rate, device_sync, plan_steps
 
@@ -89,16 +88,9 @@ class TrainerBench:
         self.image_size = cfg.data.image_size
         self.micro_batch = cfg.train.batch_size // cfg.train.accum_steps
         self.sync = device_sync(env.device)
-        loop._seed(cfg.train.seed)
-        loop._set_backends(cfg, env)
-        raw, model = loop._model(cfg, env, num_classes)
-        optimizer = create_optimizer(raw, cfg.optim, cfg.train.batch_size)
-        self.state = loop.TrainState(
-            model=model, raw_model=raw, optimizer=optimizer,
-            scheduler=create_scheduler(optimizer, cfg.optim, cfg.train.epochs, max(1, steps_per_epoch)),
-            scaler=torch.amp.GradScaler(env.device.type, enabled=cfg.train.amp == "fp16"),
-            ema=loop._ema(cfg, raw),
-        )
+        loop.seed_all(cfg.train.seed)
+        loop.set_backends(cfg, env)
+        self.state = loop.create_state(cfg, env, num_classes, max(1, steps_per_epoch))
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.num_classes = num_classes
 
@@ -106,12 +98,12 @@ class TrainerBench:
         """The trainer's training loader with ``workers`` worker processes."""
         cfg = copy.deepcopy(self.cfg)
         cfg.data.workers = workers
-        return loop._loader(cfg, self.env, train=True, image_size=self.image_size)
+        return loop.build_loader(cfg, self.env, train=True, image_size=self.image_size)
 
     def prefetcher(self, loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``loader``'s batches as the trainer's loop gets them: on the device, normalized,
         in the config's dtype and memory format."""
-        return loop._prefetch(loader, self.cfg, self.env)
+        return loop.prefetcher(loader, self.cfg, self.env)
 
     def synthetic(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One random uint8 batch (and labels) already on the device, forever."""

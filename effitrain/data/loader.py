@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from ..store.format import Kind, record_key
-from ..store.reader import Store
+from ..store.reader import Store, is_store
 from .decode import DecodeError, decode_crop, encode_crop, resize_into
 from .prefetch import EncodedBatch, decode_on_device
 from .transforms import CropPlan
@@ -357,7 +357,7 @@ def make_loader(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(source, Store):
         src: StoreSource | FolderSource = StoreSource(source)
-    elif Path(source).is_file() or (Path(source) / "data.mdb").exists():
+    elif is_store(source):
         src = StoreSource(Store(source))
     elif Path(source).is_dir():
         src = FolderSource(source)

@@ -27,6 +27,14 @@ from .format import (
 )
 
 
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a store (an LMDB file, or a directory holding data.mdb)
+    rather than an ImageFolder directory; nothing is opened."""
+    path = Path(path)
+    return path.is_file() or (path / "data.mdb").exists()
+
+
 class _Handle:
     """A store's LMDB environment in one process, with one read transaction per thread.
 

@@ -36,7 +36,7 @@ from torchvision.datasets.folder import find_classes
 
 from ..data.loader import Loader, make_loader
 from ..data.prefetch import DevicePrefetcher
-from ..store.reader import Store
+from ..store.reader import Store, is_store
 from . import checkpoint, distributed
 from .config import Config, ConfigError, DataConfig, check, flatten, load_config, save_config, to_dict
 from .distributed import DistEnv
@@ -90,14 +90,10 @@ def _started(batches: Iterable[Any]) -> Iterator[Any]:
         yield from it
 
 
-def _is_store(path: str) -> bool:
-    return Path(path).is_file() or (Path(path) / "data.mdb").exists()
-
-
 def _source(path: str) -> tuple[Store | str, list[str]]:
     """A data source, opened once (a store's metadata is read here, not again by each
     loader), and its class names; no image is read."""
-    if _is_store(path):
+    if is_store(path):
         store = Store(path)
         return store, store.classes
     return path, find_classes(path)[0]
@@ -114,7 +110,8 @@ def train_image_size(data: DataConfig, epoch: int) -> int:
     return int(round((p.start_size + frac * (p.end_size - p.start_size)) / p.step)) * p.step
 
 
-def _loader(cfg: Config, env: DistEnv, train: bool, image_size: int, source: Store | str | None = None) -> Loader:
+def build_loader(cfg: Config, env: DistEnv, train: bool, image_size: int,
+                 source: Store | str | None = None) -> Loader:
     """This rank's loader of data.train or data.val (or of ``source``, opened already)."""
     key = "data.train" if train else "data.val"
     per_rank = cfg.train.batch_size // (env.world_size * cfg.train.accum_steps)
@@ -130,7 +127,9 @@ def _loader(cfg: Config, env: DistEnv, train: bool, image_size: int, source: Sto
         raise ConfigError(f"{key}: {e}") from None
 
 
-def _prefetch(loader: Iterable, cfg: Config, env: DistEnv) -> DevicePrefetcher:
+def prefetcher(loader: Iterable, cfg: Config, env: DistEnv) -> DevicePrefetcher:
+    """``loader``'s batches as the loop takes them: on the device, normalized, in the amp
+    dtype and the config's memory format."""
     return DevicePrefetcher(loader, env.device, dtype=AMP_DTYPES[cfg.train.amp], channels_last=cfg.train.channels_last)
 
 
@@ -224,7 +223,7 @@ def train_one_epoch(s: TrainState, criterion: torch.nn.Module, loader: Loader, c
     steps = len(loader) // accum
     s.model.train()
     loader.set_epoch(s.epoch, start_batch=s.step * accum)
-    batches = _started(_prefetch(loader, cfg, env))
+    batches = _started(prefetcher(loader, cfg, env))
     logger = MetricLogger(env, s.epoch, steps, cfg.log.print_freq)
     amp = _autocast(cfg.train.amp, env.device)
     for i in range(s.step, steps):
@@ -275,7 +274,7 @@ def evaluate(model: torch.nn.Module, loader: Loader, cfg: Config, env: DistEnv) 
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)
     start = time.perf_counter()
     amp = _autocast(cfg.train.amp, env.device)
-    for images, labels in _started(_prefetch(loader, cfg, env)):
+    for images, labels in _started(prefetcher(loader, cfg, env)):
         with amp:
             logits = model(images)
         sums += batch_sums(F.cross_entropy(logits.float(), labels, reduction="sum"), logits, labels)
@@ -313,7 +312,8 @@ def _resume_path(resume: str | None, run_dir: Path, eval_only: bool) -> Path | N
     return Path(resume)
 
 
-def _seed(seed: int) -> None:
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -326,7 +326,9 @@ def cpu_compute_threads(workers: int, local_world_size: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size) - workers)
 
 
-def _set_backends(cfg: Config, env: DistEnv) -> None:
+def set_backends(cfg: Config, env: DistEnv) -> None:
+    """Process-wide torch settings for training as ``cfg`` says on ``env.device``: CPU
+    compute threads, cuDNN autotuning, deterministic kernels."""
     if env.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # torch starts one OpenMP compute thread per core; beside the loader's worker
         # processes (and the other ranks of a CPU DDP run) they oversubscribe the cores, and
@@ -393,8 +395,8 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
     run_dir = Path(cfg.log.run_dir)
     ckpt_path = _resume_path(resume, run_dir, eval_only)
     ck = checkpoint.load(ckpt_path) if ckpt_path is not None else None
-    _seed(cfg.train.seed + env.rank)
-    _set_backends(cfg, env)
+    seed_all(cfg.train.seed + env.rank)
+    set_backends(cfg, env)
     if eval_only:
         return _evaluate_checkpoint(cfg, env, ck, ckpt_path)
 
@@ -404,9 +406,9 @@ def _run(cfg: Config, env: DistEnv, resume: str | None, eval_only: bool) -> int:
         raise ConfigError(f"data.val: its classes differ from data.train's ({len(classes)} classes)")
     if ck is not None and ck["classes"] != classes:
         raise ConfigError(f"data.train: {len(classes)} classes, but checkpoint {ckpt_path} has {len(ck['classes'])}")
-    val_loader = _loader(cfg, env, False, cfg.data.val_image_size or cfg.data.image_size, val_source)
+    val_loader = build_loader(cfg, env, False, cfg.data.val_image_size or cfg.data.image_size, val_source)
     train_size = train_image_size(cfg.data, ck["epoch"] if ck is not None else 0)
-    train_loader = _loader(cfg, env, True, train_size, train_source)
+    train_loader = build_loader(cfg, env, True, train_size, train_source)
     steps_per_epoch = len(train_loader) // cfg.train.accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(f"train.accum_steps: {cfg.train.accum_steps} micro-batches make no step of an epoch")
@@ -452,7 +454,7 @@ def _evaluate_checkpoint(cfg: Config, env: DistEnv, ck: dict[str, Any], path: Pa
         raise ConfigError(f"data.val: its classes differ from those of checkpoint {path} ({len(ck['classes'])})")
     raw, _ = _model(cfg, env, len(classes))
     raw.load_state_dict(ck["model"])
-    loader = _loader(cfg, env, False, cfg.data.val_image_size or cfg.data.image_size, source)
+    loader = build_loader(cfg, env, False, cfg.data.val_image_size or cfg.data.image_size, source)
     epoch = ck["epoch"] - (ck["step"] == 0)  # the epoch the weights come from
     env.print(f"Evaluating {path} (epoch {epoch}, step {ck['step']}) on {cfg.data.val}")
     stats = evaluate(raw, loader, cfg, env)
@@ -476,7 +478,7 @@ def _epochs(s: TrainState, criterion: torch.nn.Module, train: tuple[Loader, int,
         size = train_image_size(cfg.data, epoch)
         if size != loader_size:  # progressive resizing
             env.print(f"Epoch {epoch}: training resolution {size} px")
-            train_loader, loader_size = _loader(cfg, env, True, size, train_source), size
+            train_loader, loader_size = build_loader(cfg, env, True, size, train_source), size
         why = train_one_epoch(s, criterion, train_loader, cfg, env, run_log, stop, checkpointer)
         if why != "epoch":
             checkpointer.save(s)
