@@ -54,7 +54,7 @@ class DemoSize:
     bench_workers: str
 
 
-# About 2.5 minutes on 2 shared CPU cores (make demo: 2:22 at load average 3): 1,200 images
+# About 1.5 minutes on 2 idle CPU cores (make demo: 1:34; 2:22 at load average 3): 1,200 images
 # drawn at ImageNet-like sizes; the tiny config as it ships (4 epochs of 1,000 images at 64 px).
 FULL = DemoSize(100, 20, 300, 500, (), epochs=None, bench_seconds=1.0, bench_workers="1,2")
 # Under a minute: small images at 32 px, the settings test_train.py proves learnable.
