@@ -96,7 +96,7 @@ def inspect(store: Path, verify: bool, workers: int | None, as_json: bool) -> No
     from effitrain.progress import Progress
     from effitrain.store import inspect as inspection
     from effitrain.store.reader import Store
-    from effitrain.store.writer import default_workers
+    from effitrain.cpus import usable_cpus
 
     opened = Store(store)
     info = inspection.summarize(opened)
@@ -106,7 +106,7 @@ def inspect(store: Path, verify: bool, workers: int | None, as_json: bool) -> No
     if verify:
         bar = Progress("verify", total=len(opened), enabled=not as_json)
         bad = inspection.verify(
-            opened, workers=default_workers() if workers is None else workers,
+            opened, workers=usable_cpus() if workers is None else workers,
             on_bad=lambda line: bar.write(f"bad {line}"), on_progress=bar.update,
         )
         bar.close()
@@ -158,13 +158,13 @@ def bench(data: Path, config_path: str | None, overrides: tuple[str, ...], worke
     training from DATA (a store or an ImageFolder directory), and a verdict."""
     from effitrain.bench import BenchError, bench_config, parse_workers, run_bench
     from effitrain.bench.report import plot, pyplot, table_lines, write_json
-    from effitrain.bench.runner import cpu_count
+    from effitrain.cpus import usable_cpus
     from effitrain.train.config import ConfigError
 
     try:
         if plot_path is not None:
             pyplot()  # a missing matplotlib fails now, not after the measurements
-        counts = parse_workers(workers, cpu_count())
+        counts = parse_workers(workers, usable_cpus())
         cfg = bench_config(config_path, overrides, data, batch_size, device)
         result = run_bench(data, cfg, counts, seconds, progress=not quiet, config_path=config_path,
                            on_header=lambda lines: click.echo("\n".join(lines)))

@@ -22,6 +22,7 @@ from ..data.decode import decode_image
 from ..data.loader import FolderSource, StoreSource, make_loader
 from ..store.format import StoreError
 from ..store.reader import Store, is_store
+from ..store.scan import SourceError
 
 Work = Callable[[], tuple[int, int]]
 
@@ -67,8 +68,8 @@ def open_data(path: str | Path) -> Data:
             return Data(path, "folder", FolderSource(path))
     except StoreError as e:
         raise BenchError(str(e)) from None
-    except FileNotFoundError as e:  # torchvision: no class folders, or no images in them
-        raise BenchError(f"{path}: not an ImageFolder directory ({e})") from None
+    except SourceError as e:  # no class folders, or no images in them
+        raise BenchError(f"not an ImageFolder directory: {e}") from None
     raise BenchError(f"{path}: no such store or ImageFolder directory")
 
 

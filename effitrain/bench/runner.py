@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import jpeg
+from ..cpus import usable_cpus
 from ..progress import Progress
 from ..train.config import Config, check, load_config
 from .data import (BenchError, batch_work, crop_work, endless, full_decode_work, one_thread, open_data,
@@ -25,11 +26,6 @@ from .timing import Rate, device_sync, measure
 from .verdict import Figure, decide
 
 WINDOWS = 5
-
-
-def cpu_count() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(cpus: int) -> list[int]:
@@ -76,7 +72,7 @@ def run_bench(data_path: str | Path, cfg: Config, workers: list[int], seconds: f
         raise BenchError(f"--seconds must be > 0 and windows >= 1, got {seconds} and {windows}")
     data = open_data(data_path)
     env = bench_env(cfg.train.device)
-    cpus = cpu_count()
+    cpus = usable_cpus()
     n = len(data.source)
     result = BenchResult(
         data={"path": str(data.path), "kind": data.kind, "images": n, "classes": data.num_classes},

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from ..store.format import Kind, record_key
 from ..store.reader import Store, is_store
+from ..store.scan import scan_imagefolder
 from .decode import DecodeError, decode_crop, encode_crop, resize_into
 from .prefetch import EncodedBatch, decode_on_device
 from .transforms import CropPlan
@@ -71,8 +71,8 @@ class FolderSource:
     """Samples of a torchvision ImageFolder directory: same files, order and labels."""
 
     def __init__(self, root: str | os.PathLike) -> None:
-        _, class_to_idx = find_classes(str(root))
-        self.samples: list[tuple[str, int]] = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        listing = scan_imagefolder(root)  # the same listing convert uses: ImageFolder's own
+        self.samples: list[tuple[str, int]] = [(str(listing.root / rel), label) for rel, label in listing.samples]
         self.labels = [label for _, label in self.samples]
 
     def __len__(self) -> int:

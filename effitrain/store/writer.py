@@ -42,6 +42,7 @@ import pyarrow as pa
 
 from effitrain import __version__
 
+from ..cpus import usable_cpus
 from .format import (
     HEADER,
     KEYS_KEY,
@@ -167,7 +168,7 @@ def convert(
         "labels_file": None if labels is None else str(Path(labels).resolve()),
         "effitrain_version": __version__,
     }
-    workers = default_workers() if workers is None else workers
+    workers = usable_cpus() if workers is None else workers
     started = time.perf_counter()
 
     store = _PartialStore(partial, functools.partial(_rebuild, options=options))
@@ -187,12 +188,6 @@ def convert(
     return summary
 
 
-def default_workers() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class _PartialStore:

@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.datasets.folder import find_classes
 
+from ..cpus import usable_cpus
 from ..data.loader import Loader, make_loader
 from ..data.prefetch import DevicePrefetcher
 from ..store.reader import Store, is_store
@@ -323,7 +324,7 @@ def cpu_compute_threads(workers: int, local_world_size: int = 1) -> int:
     """Torch compute threads for one training process on the CPU: the cores this process may
     run on, shared by the ``local_world_size`` processes of this machine, less one core per
     DataLoader worker; at least 1."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size) - workers)
+    return max(1, usable_cpus() // max(1, local_world_size) - workers)
 
 
 def set_backends(cfg: Config, env: DistEnv) -> None:
