@@ -10,7 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, features
+
+# The device code paths run on the CPU everywhere and, where a CUDA device exists (a GPU
+# machine; never CI), on it too: the same tests, parametrised.
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def picture(width: int, height: int, seed: int) -> np.ndarray:

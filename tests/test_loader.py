@@ -7,7 +7,7 @@ import lmdb
 import numpy as np
 import pytest
 import torch
-from conftest import write_image_folder
+from conftest import CUDA, write_image_folder
 
 from effitrain import jpeg
 from effitrain.data import decode, make_loader
@@ -195,6 +195,32 @@ def test_gpu_decode_path_on_cpu_matches_cpu_path(which: str, request: pytest.Fix
         cpu = batches(source, train=train, seed=2)
         gpu = batches(source, train=train, seed=2, decode="gpu", device="cpu")
         assert_same(cpu, gpu)
+
+
+@CUDA
+@pytest.mark.parametrize("which", ["store", "ra_store"])
+def test_gpu_decode_on_cuda_is_close_to_cpu_path(which: str, request: pytest.FixtureRequest) -> None:
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a level or two; the crops,
+    # flips, labels and the samples the workers decode themselves (non-JPEGs) are the same.
+    source = request.getfixturevalue(which)
+    cpu = batches(source, seed=2)
+    gpu = batches(source, seed=2, decode="gpu", device="cuda")
+    assert len(cpu) == len(gpu)
+    for (xa, ya), (xb, yb) in zip(cpu, gpu):
+        assert xb.device.type == "cuda" and xb.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ya, yb.cpu())
+        diff = (xa.int() - xb.cpu().int()).abs().float()
+        assert diff.mean() < 2.0 and diff.flatten(1).mean(1).max() < 4.0, (diff.mean(), diff.max())
+
+
+@CUDA
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cpu_decoded_batches_for_cuda_are_pinned_and_equal(store: Path, workers: int) -> None:
+    # Pinned host memory is what lets the prefetcher's copies run asynchronously.
+    plain = batches(store, seed=3, workers=workers, device="cpu")
+    pinned = batches(store, seed=3, workers=workers, device="cuda")
+    assert all(x.is_pinned() for x, _ in pinned) and not any(x.is_pinned() for x, _ in plain)
+    assert_same(plain, pinned)
 
 
 def test_buffer_pool_reuses_only_released_buffers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,5 +1,6 @@
 """``torchrun --nproc_per_node=2`` with gloo on the CPU: DDP training matches one process with
-the same global batch, and distributed evaluation counts every validation image once."""
+the same global batch, and distributed evaluation counts every validation image once. Where
+a CUDA device exists, one rank per GPU under torchrun (NCCL) matches a plain process too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CUDA
 
 from effitrain.store.prepare import ConvertOptions, default_payload
 from effitrain.store.writer import convert
@@ -32,7 +34,8 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def train(stores: dict[str, Path], run_dir: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+def train(stores: dict[str, Path], run_dir: Path, nproc: int, *args: str, torchrun: bool | None = None
+          ) -> subprocess.CompletedProcess:
     """``effitrain train`` on SqueezeNet 1.1 without dropout, one epoch of global batch 16 in
     two accumulation steps (so DDP skips the gradient all-reduce on the first micro-batch).
 
@@ -50,7 +53,7 @@ def train(stores: dict[str, Path], run_dir: Path, nproc: int, *args: str) -> sub
             "optim.lr=4", "optim.warmup_epochs=0", "train.accum_steps=2"]
     command = ["effitrain", "train", "--config", str(REPO / "configs" / "tiny_cpu.yaml"),
                *[a for s in sets for a in ("--set", s)], *args]
-    if nproc > 1:
+    if nproc > 1 if torchrun is None else torchrun:
         command = [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "--no-python", *command]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -86,3 +89,17 @@ def test_two_ranks_match_one_process_and_count_val_images_once(stores: dict[str,
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"49 images on {nproc} rank(s)" in result.stdout
         assert f"Error@1 {val_one['error1']:.3f}" in result.stdout
+
+
+@CUDA
+def test_one_gpu_rank_under_torchrun_matches_one_process(stores: dict[str, Path], tmp_path: Path) -> None:
+    # NCCL, DDP with device_ids, SyncBN conversion and the gloo group for host-side flags.
+    cuda = ("--set", "train.device=cuda", "--set", "model.sync_bn=true")
+    one = train(stores, tmp_path / "one", 1, *cuda)
+    assert one.returncode == 0, one.stdout + one.stderr
+    ddp = train(stores, tmp_path / "ddp", 1, *cuda, torchrun=True)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    single, ranked = records(tmp_path / "one", "train"), records(tmp_path / "ddp", "train")
+    assert [r["step"] for r in ranked] == [1, 2, 3, 4]
+    assert [r["loss"] for r in ranked] == pytest.approx([r["loss"] for r in single], rel=1e-3)
+    assert records(tmp_path / "ddp", "val")[0]["images"] == 49
