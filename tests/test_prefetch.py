@@ -104,14 +104,12 @@ def test_decode_on_device_cuts_resizes_and_flips(device: str) -> None:
     images, labels = decode_on_device(encoded_batch(chunks, boxes), torch.device(device))
     assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1] and images.device.type == device
     for k, ((top, left, h, w), flip) in enumerate(zip(boxes, [False, True])):
-        full = decode_jpeg(torch.frombuffer(bytearray(chunks[k]), dtype=torch.uint8))
+        # The reference decodes the whole JPEG on the same device: nvJPEG's pixels are not
+        # libjpeg's (its chroma upsampling differs, by up to ~50 levels at the sharp colour
+        # edges of these block images); what is checked here is the cut, resize and flip.
+        full = decode_jpeg(torch.frombuffer(bytearray(chunks[k]), dtype=torch.uint8), device=device)
         ref = resize_image(full[:, top : top + h, left : left + w], [32, 32], antialias=True)
-        ref = ref.flip(-1) if flip else ref
-        if device == "cpu":
-            assert torch.equal(images[k], ref)
-        else:  # nvJPEG's IDCT and upsampling are not libjpeg's: within a few levels
-            diff = (images[k].cpu().int() - ref.int()).abs()
-            assert diff.float().mean() < 1.0 and diff.max() <= 8, (diff.float().mean(), diff.max())
+        assert torch.equal(images[k], ref.flip(-1) if flip else ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,11 @@ def train_one_epoch(s: TrainState, criterion: torch.nn.Module, loader: Loader, c
         s.scaler.step(s.optimizer)  # skipped by the scaler if fp16 gradients overflowed
         s.scaler.update()
         s.optimizer.zero_grad(set_to_none=True)
-        s.scheduler.step()
+        with warnings.catch_warnings():
+            # When the scaler skipped the step (fp16 overflow, usually the first steps), torch
+            # warns that the scheduler steps first; the schedule follows the step count anyway.
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+            s.scheduler.step()
         s.step, s.global_step = i + 1, s.global_step + 1
         if s.ema is not None and s.global_step % cfg.ema.every == 0:
             s.ema.update_parameters(s.raw_model)
