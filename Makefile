@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 EXT_SO := effitrain/_jpegext.so
 ext: $(EXT_SO)
 
-$(EXT_SO): effitrain/csrc/jpegext.c $(STAMP)
+EXT_SRC := effitrain/csrc/jpegext.c effitrain/csrc/recode.c
+$(EXT_SO): $(EXT_SRC) effitrain/csrc/recode.h $(STAMP)
 	@$(CC) -O2 -Wall -shared -fPIC -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-	  $< -ljpeg -o $@ 2>$(VENV)/jpegext-build.log \
+	  $(EXT_SRC) -ljpeg -o $@ 2>$(VENV)/jpegext-build.log \
 	  || echo "effitrain: C JPEG extension not built (see $(VENV)/jpegext-build.log); using the PIL fallback"
 
 test: venv ext

@@ -106,6 +106,10 @@ def markers(data: bytes) -> list[int]:
 KINDS = ["420", "422", "444", "gray", "gray-422", "progressive", "progressive-444", "gray-progressive",
          "restarts", "restart-rows", "optimized", "exif-icc"]
 SIZES = [(203, 157), (64, 48), (37, 29), (17, 9), (1, 1), (250, 16)]
+# _ext.transcode's methods besides the default (see jpegext.c): libjpeg's coefficient
+# transcoding with our tables, the same with libjpeg's tables, the re-coder alone.
+LIBJPEG, LIBJPEG_TABLES, RECODE = 1, 2, 3
+DECLINED = {"progressive", "progressive-444", "gray-progressive"}  # the re-coder leaves these to libjpeg
 CASES = [(k, s) for k in KINDS for s in SIZES[:2]] + [(k, s) for k in ("420", "422", "444", "gray") for s in SIZES[2:]]
 
 
@@ -130,8 +134,11 @@ def transcoded():
 def test_transcode_is_lossless_baseline_with_a_restart_per_mcu(transcoded, kind, size):
     original, ref, new, index = transcoded(kind, size)
     assert np.array_equal(pil_rgb(new), ref)
-    # Our Huffman tables are the ones libjpeg's (slower) optimize_coding builds: same bytes.
-    assert jpeg._ext.transcode(original, True) == (new, index)
+    # Every way of transcoding writes the same bytes: the re-coder without libjpeg (the
+    # default where it takes the file), libjpeg with our tables, and libjpeg with its own
+    # (slower) optimize_coding.
+    assert jpeg._ext.transcode(original, LIBJPEG) == jpeg._ext.transcode(original, LIBJPEG_TABLES) == (new, index)
+    assert jpeg._ext.transcode(original, RECODE) == (None if kind in DECLINED else (new, index))
     codes = markers(new)
     assert 0xC0 in codes or 0xC1 in codes  # sequential Huffman, even from progressive
     assert 0xC2 not in codes and 0xDD in codes
@@ -285,6 +292,37 @@ def test_random_corruption_never_crashes(transcoded):
             assert got.shape == (100, 120, 3)
         except jpeg.JpegError:
             pass
+
+
+@needs_ext
+def test_recoder_never_accepts_what_libjpeg_would_code_otherwise():
+    """The re-coder, on damaged baseline files (bytes flipped, inserted, removed, cut), gives
+    exactly what the libjpeg path gives, or declines: it never turns corrupt data into a
+    transcode libjpeg would refuse, nor writes other bytes."""
+    rng = random.Random(11)
+    bases = [make_jpeg(kind, w, h, seed=i) for i, (kind, (w, h)) in
+             enumerate([("420", (40, 24)), ("444", (24, 16)), ("gray", (33, 17)), ("restarts", (48, 32)),
+                        ("422", (35, 20))])]
+    taken = 0
+    for trial in range(1500):
+        data = bytearray(bases[trial % len(bases)])
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(2, len(data))
+            op = rng.random()
+            if op < 0.6:
+                data[pos] = rng.choice((0x00, 0xFF, 0xD0 + rng.randrange(10), rng.randrange(256)))
+            elif op < 0.75:
+                data.insert(pos, rng.choice((0x00, 0xFF, rng.randrange(256))))
+            elif op < 0.9:
+                del data[pos]
+            else:
+                del data[pos:]
+        data = bytes(data)
+        recoded = jpeg._ext.transcode(data, RECODE)
+        if recoded is not None:
+            taken += 1
+            assert recoded == jpeg._ext.transcode(data, LIBJPEG), f"trial {trial}"
+    assert taken > 100  # flips in the scan that keep it decodable are taken
 
 
 def test_fallback_without_the_extension(monkeypatch):

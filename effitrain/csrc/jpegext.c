@@ -1,10 +1,15 @@
 /*
  * effitrain._jpegext: random-access JPEG over libjpeg-turbo.
  *
- * transcode(data, libjpeg_tables=False) -> (jpeg, index) | None
+ * transcode(data, method=0) -> (jpeg, index) | None
  *     Lossless transcode (DCT coefficients copied, never re-quantised) to a sequential
  *     Huffman JPEG with optimal tables and a restart marker after every MCU, plus a small
  *     index of where each MCU row starts. None where decoded pixels could change.
+ *     Baseline files are re-coded symbol by symbol without libjpeg (recode.c); the rest,
+ *     and any file recode.c declines, go through libjpeg's coefficient transcoding here.
+ *     For tests and benchmarks (every way gives the same bytes): method 1 forces that
+ *     libjpeg path, 2 the same with libjpeg's optimize_coding, 3 recode.c alone (None
+ *     where it declines).
  * crop(data, index, box)           -> (sub_jpeg, inner_box)
  *     A small valid JPEG made of just the MCUs a box needs (same tables, new frame size,
  *     restart markers renumbered), and the box inside it.
@@ -39,8 +44,8 @@
 #include <jpeglib.h>
 #include <jerror.h> /* error codes, ERREXIT */
 
-#define INDEX_VERSION 1
-#define INDEX_HEADER 12
+#include "recode.h"
+
 #define MSG_LEN 200
 
 static PyObject *JpegError;
@@ -107,13 +112,6 @@ static uint32_t rd16be(const uint8_t *p) { return ((uint32_t)p[0] << 8) | p[1]; 
 
 static uint32_t rd32le(const uint8_t *p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-
-static void wr32le(uint8_t *p, uint32_t v) {
-  p[0] = (uint8_t)v;
-  p[1] = (uint8_t)(v >> 8);
-  p[2] = (uint8_t)(v >> 16);
-  p[3] = (uint8_t)(v >> 24);
 }
 
 /* The next marker (0xFF not followed by a stuffed 0x00) in [p, end), or NULL. */
@@ -283,63 +281,6 @@ static int gather(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *co
   return 0;
 }
 
-/* Code lengths limited to 16 bits from symbol frequencies (JPEG Annex K.2), written into
- * tbl. freq[256] is a reserved pseudo-symbol so that no code is all ones. */
-static int optimal_table(const long counts[257], JHUFF_TBL *tbl) {
-  enum { MAX_LEN = 32 };
-  long freq[257];
-  int sym[257], codesize[257], others[257], n = 0, bits[MAX_LEN + 1];
-  for (int i = 0; i < 256; i++)
-    if (counts[i]) sym[n++] = i;
-  sym[n++] = 256;
-  for (int i = 0; i < n; i++) {
-    freq[i] = sym[i] == 256 ? 1 : counts[sym[i]];
-    codesize[i] = 0;
-    others[i] = -1;
-  }
-  /* Merge the two least frequent nodes until one is left; ties go to the larger symbol. */
-  for (;;) {
-    int c1 = -1, c2 = -1;
-    long v1 = 0, v2 = 0;
-    for (int i = 0; i < n; i++)
-      if (freq[i] && (c1 < 0 || freq[i] <= v1)) c1 = i, v1 = freq[i];
-    for (int i = 0; i < n; i++)
-      if (freq[i] && i != c1 && (c2 < 0 || freq[i] <= v2)) c2 = i, v2 = freq[i];
-    if (c2 < 0) break;
-    freq[c1] += freq[c2];
-    freq[c2] = 0;
-    for (codesize[c1]++; others[c1] >= 0; codesize[c1]++) c1 = others[c1];
-    others[c1] = c2;
-    for (codesize[c2]++; others[c2] >= 0; codesize[c2]++) c2 = others[c2];
-  }
-  memset(bits, 0, sizeof bits);
-  for (int i = 0; i < n; i++) {
-    if (codesize[i] > MAX_LEN) return -1;
-    bits[codesize[i]]++;
-  }
-  /* Shorten codes longer than 16 bits, keeping the code complete. */
-  for (int i = MAX_LEN; i > 16; i--)
-    while (bits[i] > 0) {
-      int j = i - 2;
-      while (bits[j] == 0) j--;
-      bits[i] -= 2;
-      bits[i - 1]++;
-      bits[j + 1] += 2;
-      bits[j]--;
-    }
-  int longest = 16;
-  while (bits[longest] == 0) longest--;
-  bits[longest]--; /* drop the reserved symbol's code */
-  memset(tbl->bits, 0, sizeof tbl->bits);
-  for (int i = 1; i <= 16; i++) tbl->bits[i] = (UINT8)bits[i];
-  int p = 0;
-  for (int len = 1; len <= MAX_LEN; len++)
-    for (int i = 0; i < n; i++)
-      if (codesize[i] == len && sym[i] != 256) tbl->huffval[p++] = (UINT8)sym[i];
-  tbl->sent_table = FALSE;
-  return 0;
-}
-
 /* Give dst the optimal tables for these coefficients (instead of optimize_coding). */
 static int set_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_barray_ptr *coefs) {
   Stats *st = calloc(1, sizeof *st);
@@ -352,11 +293,13 @@ static int set_optimal_tables(j_decompress_ptr src, j_compress_ptr dst, jvirt_ba
     }
     if (dc_used) {
       if (dst->dc_huff_tbl_ptrs[t] == NULL) dst->dc_huff_tbl_ptrs[t] = jpeg_alloc_huff_table((j_common_ptr)dst);
-      rc = optimal_table(st->dc[t], dst->dc_huff_tbl_ptrs[t]);
+      rc = optimal_table(st->dc[t], dst->dc_huff_tbl_ptrs[t]->bits, dst->dc_huff_tbl_ptrs[t]->huffval);
+      dst->dc_huff_tbl_ptrs[t]->sent_table = FALSE;
     }
     if (ac_used && rc == 0) {
       if (dst->ac_huff_tbl_ptrs[t] == NULL) dst->ac_huff_tbl_ptrs[t] = jpeg_alloc_huff_table((j_common_ptr)dst);
-      rc = optimal_table(st->ac[t], dst->ac_huff_tbl_ptrs[t]);
+      rc = optimal_table(st->ac[t], dst->ac_huff_tbl_ptrs[t]->bits, dst->ac_huff_tbl_ptrs[t]->huffval);
+      dst->ac_huff_tbl_ptrs[t]->sent_table = FALSE;
     }
   }
   free(st);
@@ -413,15 +356,16 @@ malformed:
   return -1;
 }
 
-typedef struct {
-  uint8_t *jpeg, *index;
-  size_t jpeg_len, index_len;
-} Transcoded;
+/* How transcode works (the output is the same bytes every way; the tests check it). */
+enum {
+  AUTO = 0,           /* RECODE where it takes the file, else LIBJPEG */
+  LIBJPEG = 1,        /* libjpeg decodes and encodes the coefficients, with our tables */
+  LIBJPEG_TABLES = 2, /* the same with libjpeg's own optimize_coding (slow; a reference) */
+  RECODE = 3,         /* recode.c alone: fails where it declines the file */
+};
 
-/* 0 with out filled, or -1 where the file is unsupported or corrupt (nothing allocated).
- * libjpeg_tables: let libjpeg's optimize_coding build the Huffman tables (slower; the
- * tests use it to check that ours are the same). */
-static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, Transcoded *out) {
+/* 0 with out filled, or -1 where the file is unsupported or corrupt (nothing allocated). */
+static int transcode_impl(const uint8_t *data, size_t len, int method, Transcoded *out) {
   struct jpeg_decompress_struct src;
   struct jpeg_compress_struct dst;
   ErrorMgr err;
@@ -429,6 +373,10 @@ static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, T
   char msg[MSG_LEN];
   volatile int status = -1;
 
+  if (method == AUTO || method == RECODE) {
+    if (recode_baseline(data, len, out) == 0) return 0;
+    if (method == RECODE) return -1;
+  }
   memset(&src, 0, sizeof src);
   memset(&dst, 0, sizeof dst);
   dest.buf = NULL;
@@ -446,7 +394,7 @@ static int transcode_impl(const uint8_t *data, size_t len, int libjpeg_tables, T
    * (YCbCr/grayscale), which makes every decoder read the colour space as before. */
   jpeg_copy_critical_parameters(&src, &dst);
   dst.restart_interval = 1;
-  if (libjpeg_tables) dst.optimize_coding = TRUE;
+  if (method == LIBJPEG_TABLES) dst.optimize_coding = TRUE;
   else if (set_optimal_tables(&src, &dst, coefs) < 0) goto done; /* coefficients out of range */
   dest.cap = len + 65536;
   dest.buf = malloc(dest.cap);
@@ -660,11 +608,16 @@ static int parse_box(PyObject *obj, long box[4]) {
 static PyObject *py_transcode(PyObject *self, PyObject *args) {
   Py_buffer in;
   Transcoded t;
-  int status, libjpeg_tables = 0;
-  if (!PyArg_ParseTuple(args, "y*|p:transcode", &in, &libjpeg_tables)) return NULL;
+  int status, method = AUTO;
+  if (!PyArg_ParseTuple(args, "y*|i:transcode", &in, &method)) return NULL;
+  if (method < AUTO || method > RECODE) {
+    PyBuffer_Release(&in);
+    PyErr_Format(PyExc_ValueError, "transcode method must be 0, 1, 2 or 3, not %d", method);
+    return NULL;
+  }
   memset(&t, 0, sizeof t);
   Py_BEGIN_ALLOW_THREADS
-  status = transcode_impl(in.buf, (size_t)in.len, libjpeg_tables, &t);
+  status = transcode_impl(in.buf, (size_t)in.len, method, &t);
   Py_END_ALLOW_THREADS
   PyBuffer_Release(&in);
   if (status < 0) {
@@ -803,7 +756,7 @@ static PyObject *py_info(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"transcode", py_transcode, METH_VARARGS,
-     "transcode(data, libjpeg_tables=False) -> (jpeg, index) or None: lossless restart-per-MCU transcode."},
+     "transcode(data, method=0) -> (jpeg, index) or None: lossless restart-per-MCU transcode."},
     {"crop", py_crop, METH_VARARGS, "crop(data, index, box) -> (sub_jpeg, inner_box)."},
     {"decode", py_decode, METH_VARARGS, "decode(data, box, out): decode box of a JPEG as RGB into out."},
     {"decode_crop", py_decode_crop, METH_VARARGS, "decode_crop(data, index, box, out): crop + decode into out."},
