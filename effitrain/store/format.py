@@ -92,9 +92,15 @@ class Record(NamedTuple):
         return zlib.crc32(self.payload, zlib.crc32(self.index)) == self.crc32
 
 
+def header_fields(label: int, width: int, height: int, kind: Kind, index_len: int, crc32: int) -> tuple:
+    """``HEADER``'s fields for a record whose index and payload have CRC32 ``crc32``, for
+    ``HEADER.pack`` or for ``HEADER.pack_into`` a buffer that already holds the rest."""
+    return (MAGIC, FORMAT_VERSION, int(kind), 0, label, crc32, width, height, index_len)
+
+
 def pack_header(label: int, width: int, height: int, kind: Kind, index_len: int, crc32: int) -> bytes:
     """The fixed header of a record whose index and payload have CRC32 ``crc32``."""
-    return HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, label, crc32, width, height, index_len)
+    return HEADER.pack(*header_fields(label, width, height, kind, index_len, crc32))
 
 
 def encode_record(

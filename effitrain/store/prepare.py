@@ -1,20 +1,21 @@
-"""Per-image work of ``convert``, done in worker processes: read, check, maybe re-encode.
+"""Per-image work of ``convert``: read, check, maybe re-encode, build the record.
 
-``prepare(path, options)`` reads one source file and returns a ``Prepared``: the payload to
-store (the file's bytes, or a re-encoded or transcoded image), its index, size, kind and
-CRC32, or why the file cannot be used.
+``prepare(path, label, options)`` reads one source file and returns a ``Prepared``: the
+complete record to store (header, index and payload: the file's bytes, or a re-encoded or
+transcoded image), its size and kind, or why the file cannot be used.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from dataclasses import asdict, dataclass
 
 from PIL import Image
 
-from .format import Kind
+from .format import HEADER, Kind, encode_record, header_fields
 
 PAYLOADS = ("keep", "random-access")
 JPEG_EOI = b"\xff\xd9"
@@ -54,20 +55,18 @@ class ConvertOptions:
 class Prepared:
     """One source image, ready for the writer.
 
-    ``crc32`` covers ``index`` and ``payload``, as in the record header. ``error`` is set
-    (and the rest meaningless) when the file cannot be used. In a worker process the
-    record may already be written into memory shared with the writer: then ``payload`` is
-    None and ``stored`` is its (offset, length) there.
+    ``record`` is the complete LMDB value (header, index, payload), or None when ``error``
+    says why the file cannot be used (the rest is then meaningless) or, in a worker
+    process, when the record was already written into memory shared with the writer:
+    ``stored`` is then its (start, end) there. ``nbytes`` is the payload's size.
     """
 
     size_in: int
     kind: Kind = Kind.ENCODED
     width: int = 0
     height: int = 0
-    crc32: int = 0
-    payload: bytes | None = None
-    index: bytes = b""
-    nbytes: int = 0  # payload size
+    nbytes: int = 0
+    record: bytes | bytearray | None = None
     error: str | None = None
     stored: tuple[int, int] | None = None
 
@@ -76,33 +75,59 @@ class BadImage(Exception):
     """A source file that is not a usable image."""
 
 
-def prepare(path: str, options: ConvertOptions) -> Prepared:
-    """Read and check one source image and build its payload; never raises for bad input."""
+def prepare(path: str, label: int, options: ConvertOptions) -> Prepared:
+    """Read and check one source image and build its record; never raises for bad input."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        buf = read_after_header(path)
     except OSError as e:
         return Prepared(size_in=0, error=f"cannot read: {e.strerror or e}")
+    data = memoryview(buf)[HEADER.size :]
     try:
         fmt, width, height = check_image(data, full_decode=options.verify_decode)
         if options.max_size is not None and max(width, height) > options.max_size:
             payload = downscale(data, options.max_size, options.quality)
             with Image.open(io.BytesIO(payload)) as im:
                 width, height = im.size
-            return _result(len(data), Kind.REENCODED, width, height, payload)
+            return _joined(len(data), label, Kind.REENCODED, width, height, payload)
         if options.payload == "random-access" and fmt == "JPEG":
-            transcoded = _transcode(data)
+            transcoded = _transcode(bytes(data))
             if transcoded is not None:
                 payload, index = transcoded
-                return _result(len(data), Kind.RANDOM_ACCESS_JPEG, width, height, payload, index)
+                return _joined(len(data), label, Kind.RANDOM_ACCESS_JPEG, width, height, payload, index)
     except BadImage as e:
         return Prepared(size_in=len(data), error=str(e))
-    return _result(len(data), Kind.ENCODED, width, height, data)
+    # The file's bytes are the payload: the record is the buffer they were read into.
+    HEADER.pack_into(buf, 0, *header_fields(label, width, height, Kind.ENCODED, 0, zlib.crc32(data)))
+    return Prepared(len(data), Kind.ENCODED, width, height, len(data), buf)
 
 
-def _result(size_in: int, kind: Kind, width: int, height: int, payload: bytes, index: bytes = b"") -> Prepared:
-    crc = zlib.crc32(payload, zlib.crc32(index))
-    return Prepared(size_in, kind, width, height, crc, payload, index, len(payload))
+def read_after_header(path: str) -> bytearray:
+    """The bytes of the file ``path``, read into a buffer after ``HEADER.size`` free bytes.
+
+    The record header is packed into that room afterwards, so the file's bytes are copied
+    once, by the kernel, and never again until LMDB takes them.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = bytearray(HEADER.size + os.fstat(fd).st_size)
+        done = HEADER.size
+        with memoryview(buf) as view:
+            while done < len(buf) and (n := os.readv(fd, [view[done:]])):
+                done += n
+        del buf[done:]  # shorter than it was a moment ago: keep what is there
+        while more := os.read(fd, 1 << 20):  # longer than it was (rare): the simple way
+            buf += more
+        return buf
+    finally:
+        os.close(fd)
+
+
+def _joined(
+    size_in: int, label: int, kind: Kind, width: int, height: int, payload: bytes, index: bytes = b""
+) -> Prepared:
+    """The record of a payload made here (re-encoded or transcoded): one small extra copy."""
+    record = encode_record(payload, label, width, height, kind, index)
+    return Prepared(size_in, kind, width, height, len(payload), record)
 
 
 def _jpeg_module():
@@ -125,7 +150,7 @@ def _transcode(data: bytes) -> tuple[bytes, bytes] | None:
     return None if jpeg is None else jpeg.transcode(data)
 
 
-def check_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int]:
+def check_image(data: bytes | memoryview, full_decode: bool = False) -> tuple[str, int, int]:
     """Check that ``data`` is an image PIL can load; return (format, width, height).
 
     The cheap check parses the header and, for JPEG and PNG (nearly every file of an
@@ -138,12 +163,12 @@ def check_image(data: bytes, full_decode: bool = False) -> tuple[str, int, int]:
         raise BadImage("empty file")
     if not full_decode:
         size = _plain_jpeg_size(data)
-        if size is not None and data[-16:].rstrip(b"\0").endswith(JPEG_EOI):
+        if size is not None and bytes(data[-16:]).rstrip(b"\0").endswith(JPEG_EOI):
             return ("JPEG", *size)
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
-            tail = data[-16:].rstrip(b"\0")
+            tail = bytes(data[-16:]).rstrip(b"\0")
             intact = (fmt == "JPEG" and tail.endswith(JPEG_EOI)) or (fmt == "PNG" and tail.endswith(PNG_IEND))
             if full_decode or not intact:
                 im.convert("RGB")  # what torchvision's pil_loader does
@@ -161,14 +186,14 @@ _SOF_OTHER = frozenset(range(0xC3, 0xD0)) - {0xC4, 0xC8, 0xCC}  # lossless, arit
 _SEGMENT = struct.Struct(">BBH")
 
 
-def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+def _plain_jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
     """(width, height) of an 8-bit grayscale or 3-component Huffman JPEG, read from its
     frame header without PIL; None for anything else (PIL then opens it).
 
     This is most of ImageNet, and PIL's JPEG header parser, written in Python, costs more
     than reading the file.
     """
-    if not data.startswith(b"\xff\xd8"):
+    if data[:2] != b"\xff\xd8":
         return None
     pos, end = 2, len(data) - 10
     while pos < end:
@@ -188,7 +213,7 @@ def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def downscale(data: bytes, max_size: int, quality: int) -> bytes:
+def downscale(data: bytes | memoryview, max_size: int, quality: int) -> bytes:
     """Decode, shrink so the longer side is ``max_size`` (Lanczos) and encode as JPEG."""
     with Image.open(io.BytesIO(data)) as im:
         rgb = im.convert("RGB")
