@@ -56,12 +56,17 @@ def warm(root: Path) -> None:
             p.read_bytes()
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
+def _convert_name(workers: str) -> str:
+    return "convert" if workers == "default" else f"convert --workers {workers}"
+
+
+def timed(cmd: list[str], settle: float = 0.0) -> tuple[float, float, str]:
     """Wall-clock seconds, CPU seconds (user + system, of the command and all its
-    processes) and the standard output of ``cmd``."""
+    processes) and the standard output of ``cmd``, started ``settle`` s after a sync."""
     # Flush everything dirty first: an fsync in the timed command must not pay for the
     # previous command's unwritten data.
     os.sync()
+    time.sleep(settle)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -75,7 +80,10 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=Path("../corpus/train"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copies", type=int, default=1, help="measure on a tree of this many copies of --src")
-    ap.add_argument("--workers", type=int, default=None, help="convert --workers (default: CPU count)")
+    ap.add_argument("--workers", default="default",
+                    help="comma-separated convert --workers values to compare, 'default' for none given [default: default]")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait before every timed command, after the sync (see RESULTS.md, issue 2)")
     ap.add_argument("--workdir", type=Path, default=None, help="where outputs go (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -86,37 +94,41 @@ def main() -> None:
     small = one_per_class(args.src, workdir / "one-per-class")
     (n_full, b_full), (n_small, b_small) = tree_bytes(args.src), tree_bytes(small)
     warm(args.src)
-    workers = [] if args.workers is None else ["--workers", str(args.workers)]
+    settings = args.workers.split(",")
     out_tar, out_lmdb = workdir / "out.tar", workdir / "out.lmdb"
     tools = {
         "tar": lambda tree: ["tar", "-cf", str(out_tar), "-C", str(tree), "."],
         "tar+fsync": lambda tree: ["sh", "-c", f"tar -cf {out_tar} -C {tree} . && sync {out_tar}"],
-        "convert": lambda tree: [sys.executable, "-m", "effitrain", "convert", str(tree), str(out_lmdb),
-                                 "--keep-bytes", "-q", "--json", *workers],
     }
+    for w in settings:
+        flag = [] if w == "default" else ["--workers", w]
+        tools[_convert_name(w)] = lambda tree, flag=flag: [
+            sys.executable, "-m", "effitrain", "convert", str(tree), str(out_lmdb), "--keep-bytes", "-q", "--json", *flag]
     # Per tool: (wall, CPU) differences full - one-per-class; for convert also the
     # difference of its own timer (--json "seconds": from after the listing to the rename),
     # which leaves out interpreter start-up and imports and so their noise.
-    diffs: dict[str, list[tuple[float, float]]] = {name: [] for name in [*tools, "convert (own timer)"]}
+    diffs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    for w in settings:
+        diffs[_convert_name(w) + " (own timer)"] = []
     for rep in range(args.reps):
         for name, cmd in tools.items():
             runs = []
             for tree in (args.src, small):
-                runs.append(timed(cmd(tree)))
+                runs.append(timed(cmd(tree), args.settle))
                 shutil.rmtree(out_lmdb, ignore_errors=True)
                 out_tar.unlink(missing_ok=True)
             (full, full_cpu, full_out), (one, one_cpu, one_out) = runs
             diffs[name].append((full - one, full_cpu - one_cpu))
             line = f"rep {rep} {name:10s} full {full:6.3f} s  one-per-class {one:6.3f} s  difference {full - one:6.3f} s"
-            if name == "convert":
+            if name.startswith("convert"):
                 own = json.loads(full_out)["seconds"] - json.loads(one_out)["seconds"]
-                diffs["convert (own timer)"].append((own, float("nan")))
+                diffs[name + " (own timer)"].append((own, float("nan")))
                 line += f"  (own timer: {own:6.3f} s)"
-            print(line + f"  CPU difference {full_cpu - one_cpu:6.3f} s", flush=True)
+            print(line + f"  CPU difference {full_cpu - one_cpu:6.3f} s  load {os.getloadavg()[0]:.2f}", flush=True)
 
     images, nbytes = n_full - n_small, b_full - b_small
     result: dict = {"src": str(args.src), "copies": args.copies, "images": images, "bytes": nbytes,
-                    "reps": args.reps, "cpus": os.cpu_count(), "workers": args.workers}
+                    "reps": args.reps, "cpus": os.cpu_count(), "workers": settings, "settle": args.settle}
     print(f"\n{images} images, {nbytes / 1e6:.1f} MB (full tree minus one image per class), {args.reps} runs:")
     for name, pairs in diffs.items():
         t, best = statistics.median(p[0] for p in pairs), min(p[0] for p in pairs)
@@ -124,10 +136,10 @@ def main() -> None:
         result[name] = {"seconds": round(t, 4), "best_seconds": round(best, 4), "images_per_s": round(images / t),
                         "mb_per_s": round(nbytes / t / 1e6, 1), "cpu_seconds": None if c != c else round(c, 4)}
         cpu_text = "" if c != c else f"   CPU {c:6.3f} s"
-        print(f"  {name:20s} median {t:7.3f} s  {images / t:8,.0f} img/s  {nbytes / t / 1e6:8.1f} MB/s"
+        print(f"  {name:32s} median {t:7.3f} s  {images / t:8,.0f} img/s  {nbytes / t / 1e6:8.1f} MB/s"
               f"   best {best:7.3f} s{cpu_text}")
     for base in ("tar", "tar+fsync"):
-        for name in ("convert", "convert (own timer)"):
+        for name in (n for n in diffs if n.startswith("convert")):
             ratio = result[base]["seconds"] / result[name]["seconds"]
             best = result[base]["best_seconds"] / result[name]["best_seconds"]
             result[f"{name} / {base}"] = {"median": round(ratio, 3), "best": round(best, 3)}
