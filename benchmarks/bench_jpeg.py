@@ -1,5 +1,7 @@
 """Random-access JPEG (effitrain.jpeg) on one CPU core: transcode cost and size, crop decode
-speed against full-frame decodes, as ratios measured in the same run.
+speed against full-frame decodes, as ratios measured in the same run. The transcode is
+timed both ways it can run: the default (baseline files re-coded without libjpeg) and the
+libjpeg path alone (the transcoder before the re-coder).
 
     .venv/bin/python benchmarks/bench_jpeg.py ../corpus/train [--n 1000] [--rounds 3] [--json OUT]
     .venv/bin/python benchmarks/bench_jpeg.py ../corpus --n 100000 --verify   # pixels only, no timing
@@ -47,15 +49,31 @@ def rrc_boxes(sizes: list[tuple[int, int]], seed: int) -> list[tuple[int, int, i
     return [tuple(rrc.get_params(torch.empty(0, h, w), rrc.scale, rrc.ratio)) for w, h in sizes]
 
 
-def measure_transcode(originals: list[bytes]) -> dict:
+# effitrain._jpegext.transcode's methods (see jpegext.c): the default re-codes baseline files
+# without libjpeg (recode.c) and hands the rest to libjpeg; LIBJPEG is that libjpeg path for
+# every file (the transcoder before the re-coder); RECODE the re-coder alone (None where it
+# declines). All write the same bytes.
+AUTO, LIBJPEG, RECODE = 0, 1, 3
+
+
+def measure_transcode(originals: list[bytes], rounds: int) -> dict:
+    """ms per image by this process's CPU time, median of rounds, for the default transcode
+    and the libjpeg path alone (rounds alternate them); per-image wall times of the default."""
+    cpu: dict[int, list[float]] = {AUTO: [], LIBJPEG: []}
     times, kept = [], []
-    cpu = time.process_time()
+    for r in range(rounds):
+        for method in (AUTO, LIBJPEG):
+            start_cpu = time.process_time()
+            for data in originals:
+                jpeg._ext.transcode(data, method)
+            cpu[method].append(1e3 * (time.process_time() - start_cpu) / len(originals))
     for data in originals:
         start = time.perf_counter()
         result = jpeg.transcode(data)
         times.append(time.perf_counter() - start)
         kept.append(result)
-    cpu = time.process_time() - cpu  # other processes on this core do not count here
+    same = all(jpeg._ext.transcode(o, LIBJPEG) == r for o, r in zip(originals, kept))
+    declined = sum(jpeg._ext.transcode(o, RECODE) is None for o in originals)
     done = [(o, r) for o, r in zip(originals, kept) if r is not None]
     orig = sum(len(o) for o, _ in done)
     new = sum(len(r[0]) for _, r in done)
@@ -63,10 +81,16 @@ def measure_transcode(originals: list[bytes]) -> dict:
     return {
         "images": len(originals),
         "refused": len(originals) - len(done),
+        "recoder_declined": declined,
+        "same_bytes_as_libjpeg_path": same,
+        "ms_cpu_median": statistics.median(cpu[AUTO]),
+        "ms_cpu_libjpeg_path_median": statistics.median(cpu[LIBJPEG]),
+        "ms_cpu_rounds": cpu[AUTO],
+        "ms_cpu_libjpeg_path_rounds": cpu[LIBJPEG],
         "ms_median": 1e3 * statistics.median(times),
-        "ms_mean": 1e3 * statistics.fmean(times),
         "ms_p95": 1e3 * sorted(times)[int(0.95 * len(times))],
-        "ms_cpu_mean": 1e3 * cpu / len(originals),
+        "bytes_in": orig,
+        "bytes_out": new,
         "size_change_pct": 100 * (new / orig - 1),
         "size_change_with_index_pct": 100 * ((new + index) / orig - 1),
         "index_bytes_mean": index / max(1, len(done)),
@@ -109,13 +133,14 @@ def main() -> None:
     torch.set_num_threads(1)
 
     originals = load(args.folder, args.n)
-    tc = measure_transcode(originals)
+    tc = measure_transcode(originals, 1 if args.verify else args.rounds)
     # Crop decoding runs on what the store would hold: transcoded where possible.
     items = [(r[0], r[1]) if r is not None else (o, b"") for o, r in zip(originals, tc.pop("results"))]
     sizes = [Image.open(io.BytesIO(o)).size for o in originals]
     boxes = rrc_boxes(sizes, seed=0)
     if args.verify:
-        print(f"transcode refused {tc['refused']}/{tc['images']}")
+        print(f"transcode refused {tc['refused']}/{tc['images']}, re-coder declined {tc['recoder_declined']}, "
+              f"same bytes as the libjpeg path: {tc['same_bytes_as_libjpeg_path']}")
         return verify(originals, items, boxes)
     tensors = [torch.frombuffer(bytearray(o), dtype=torch.uint8) for o in originals]
 
@@ -164,10 +189,12 @@ def main() -> None:
 
     print(f"corpus: {args.folder} ({len(originals)} JPEGs, mean {np.mean([len(o) for o in originals]) / 1024:.1f} KiB)")
     print(
-        f"transcode: {tc['ms_median']:.2f} ms/image median, {tc['ms_mean']:.2f} mean, {tc['ms_p95']:.2f} p95 "
-        f"(CPU time {tc['ms_cpu_mean']:.2f} mean); "
-        f"refused {tc['refused']}/{tc['images']}; size {tc['size_change_pct']:+.2f}% "
-        f"({tc['size_change_with_index_pct']:+.2f}% with the index, {tc['index_bytes_mean']:.0f} B/image)"
+        f"transcode: {tc['ms_cpu_median']:.3f} ms/image CPU (median of {args.rounds} rounds), libjpeg path "
+        f"{tc['ms_cpu_libjpeg_path_median']:.3f} ({tc['ms_cpu_libjpeg_path_median'] / tc['ms_cpu_median']:.2f}x); "
+        f"wall {tc['ms_median']:.2f} median, {tc['ms_p95']:.2f} p95; re-coder declined {tc['recoder_declined']}, "
+        f"refused {tc['refused']}/{tc['images']}; same bytes as the libjpeg path: {tc['same_bytes_as_libjpeg_path']}; "
+        f"size {tc['bytes_in']} -> {tc['bytes_out']} B ({tc['size_change_pct']:+.2f}%, "
+        f"{tc['size_change_with_index_pct']:+.2f}% with the index, {tc['index_bytes_mean']:.0f} B/image)"
     )
     pil, tv = median["PIL full decode + cut"], median["torchvision.io full decode + cut"]
     pil_w, tv_w = median_wall["PIL full decode + cut"], median_wall["torchvision.io full decode + cut"]

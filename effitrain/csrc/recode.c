@@ -26,7 +26,6 @@
 
 #define FAST_BITS 10        /* Huffman codes up to this long are decoded by one lookup */
 #define PAD 1024            /* zero bytes after the unstuffed scan: a block reads < 300 past its end */
-#define LAST_IN_BLOCK 0x80000000u /* on a symbol coding coefficient 63: no EOB follows */
 #define MAX_DIMENSION 65500 /* libjpeg's JPEG_MAX_DIMENSION */
 
 typedef struct {
@@ -227,8 +226,8 @@ static void geometry(const Header *h, Geometry *g) {
 #define FULL (1u << 20)
 #define ENTRY(sym, extra, len) ((uint32_t)(sym) | ((uint32_t)(extra) << 8) | ((uint32_t)(len) << 24))
 
-/* libjpeg's checks (jpeg_make_d_derived_tbl) and a lookup table. DC categories above 11
- * cannot be re-coded at 8 bits: declined. */
+/* libjpeg's checks (jpeg_make_d_derived_tbl) and a lookup table. Tables with symbols for
+ * more than 8-bit coefficients (DC categories above 11, AC sizes above 10) are declined. */
 static int build_dec_table(const HuffSpec *s, int dc, DecTable *t) {
   int p = 0;
   int32_t code = 0;
@@ -238,7 +237,7 @@ static int build_dec_table(const HuffSpec *s, int dc, DecTable *t) {
     for (int i = 0; i < s->bits[l]; i++, p++, code++) {
       uint8_t sym = s->huffval[p];
       int size = dc ? sym : sym & 15;
-      if (dc && sym > 11) return -1;
+      if (size > (dc ? 11 : 10)) return -1; /* more than 8-bit coefficients have */
       if (l > FAST_BITS) continue;
       uint32_t base = (uint32_t)code << (FAST_BITS - l);
       if (l + size <= FAST_BITS) {
@@ -305,15 +304,16 @@ static inline int decode_sym(const DecTable *t, int dc, Bits *b, uint32_t *extra
   return sym;
 }
 
-/* Decode one block and append the symbols the new scan codes for it: its DC difference
- * from *out_pred (the new scan's predictor), then AC symbols (run/size | extra bits << 8),
- * ending with EOB (0) or with LAST_IN_BLOCK set on the coefficient-63 symbol. The input's
- * own predictor is *pred. Counts the symbols into dcf/acf. */
+/* Decode one block and append the symbols the new scan codes for it: a head entry (its
+ * DC difference from *out_pred, the new scan's predictor: category | extra bits << 4 |
+ * number of AC entries << 16), then the AC entries (run/size | extra bits << 8) up to EOB
+ * (0) where the block ends before coefficient 63. The input's own predictor is *pred.
+ * Counts the symbols into dcf/acf. */
 static inline __attribute__((always_inline)) int decode_block(const DecTable *dct, const DecTable *act, Bits *bits,
                                                               int *pred, int *out_pred, uint32_t **pe, long *dcf,
                                                               long *acf) {
   Bits b = *bits;
-  uint32_t *e = *pe, v;
+  uint32_t *head = *pe, *e = head + 1, v;
   refill(&b);
   int s = decode_sym(dct, 1, &b, &v);
   if (s < 0) return -1;
@@ -324,32 +324,27 @@ static inline __attribute__((always_inline)) int decode_block(const DecTable *dc
   unsigned a = (unsigned)(d < 0 ? -d : d);
   int cat = a ? 32 - __builtin_clz(a) : 0;
   if (cat > 11) return -1;
-  *e++ = (uint32_t)cat | (((uint32_t)(d < 0 ? d - 1 : d) & ((1u << cat) - 1)) << 8);
   dcf[cat]++;
 
   /* A refill leaves 56+ bits: enough for the DC symbol and one AC symbol (27 + 26 bits),
-   * then for two AC symbols at a time. */
-  int k = 1, last = 0, zrl = 0, size;
-#define AC_SYMBOL                                                                      \
-  s = decode_sym(act, 0, &b, &v);                                                      \
-  if (s < 0) return -1;                                                                \
-  size = s & 15;                                                                       \
-  if (size == 0) {                                                                     \
-    if (s != 0xF0) goto end_of_block; /* EOB; libjpeg reads other runs of size 0 so */ \
-    k += 16;                                                                           \
-    zrl++;                                                                             \
-  } else {                                                                             \
-    k += s >> 4;                                                                       \
-    if (k > 63 || size > 10) return -1;                                                \
-    for (; zrl; zrl--) { /* 16-zero runs count only before a coefficient */            \
-      *e++ = 0xF0;                                                                     \
-      acf[0xF0]++;                                                                     \
-    }                                                                                  \
-    *e++ = (uint32_t)s | (v << 8);                                                     \
-    acf[s]++;                                                                          \
-    last = k++;                                                                        \
-  }                                                                                    \
-  if (k >= 64) goto end_of_block;
+   * then for two AC symbols at a time. ZRL (16 zeros) entries are written as they come
+   * and taken back at the end where no coefficient follows them (as libjpeg codes it). */
+  *head = 0; /* never 0xF0: stops the ZRL take-back */
+  int k = 1; /* the next coefficient's position */
+#define AC_SYMBOL                                                                    \
+  s = decode_sym(act, 0, &b, &v);                                                    \
+  if (s < 0) return -1;                                                              \
+  if ((s & 15) == 0 && s != 0xF0) goto eob; /* libjpeg reads any run of size 0 so */ \
+  k += (s >> 4) + 1;                                                                 \
+  if (__builtin_expect(k >= 64, 0)) {                                                \
+    if (s == 0xF0) goto eob;                                                         \
+    if (k > 64) return -1; /* a coefficient past the block */                        \
+    *e++ = (uint32_t)s | (v << 8);                                                   \
+    acf[s]++;                                                                        \
+    goto full; /* coefficient 63: no EOB */                                          \
+  }                                                                                  \
+  *e++ = (uint32_t)s | (v << 8);                                                     \
+  acf[s]++;
   AC_SYMBOL
   for (;;) {
     refill(&b);
@@ -357,12 +352,16 @@ static inline __attribute__((always_inline)) int decode_block(const DecTable *dc
     AC_SYMBOL
   }
 #undef AC_SYMBOL
-end_of_block:
-  if (last < 63) {
-    *e++ = 0;
-    acf[0]++;
-  } else
-    e[-1] |= LAST_IN_BLOCK;
+eob:
+  while (e[-1] == 0xF0) { /* trailing ZRLs */
+    e--;
+    acf[0xF0]--;
+  }
+  *e++ = 0;
+  acf[0]++;
+full:
+  *head = (uint32_t)cat | (((uint32_t)(d < 0 ? d - 1 : d) & ((1u << cat) - 1)) << 4) |
+          ((uint32_t)(e - head - 1) << 16);
   *bits = b;
   *pe = e;
   return 0;
@@ -457,8 +456,8 @@ static int decode_scan(const Header *h, const Geometry *g, const uint8_t *u, con
           if (decode_block(dct[c], act[c], &bits, &pred[c], &out_pred[c], &e, junk_dc, junk_ac) < 0) goto done;
           out_pred[c] = keep;
           e = e0;
-          *e++ = 0;
-          *e++ = 0;
+          *e++ = 1u << 16; /* DC difference 0, then one AC entry: */
+          *e++ = 0;        /* EOB */
           dcf[t][0]++;
           acf[t][0]++;
         } else if (decode_block(dct[c], act[c], &bits, &pred[c], &out_pred[c], &e, dcf[t], acf[t]) < 0)
@@ -477,6 +476,29 @@ done:
 
 /* ------------------------------------------------------ optimal tables */
 
+/* A min-heap of node numbers: by frequency, then the larger number first. */
+static int heap_less(const long *freq, int a, int b) { return freq[a] < freq[b] || (freq[a] == freq[b] && a > b); }
+
+static void heap_push(int *heap, int *size, const long *freq, int node) {
+  int i = (*size)++;
+  for (; i > 0 && heap_less(freq, node, heap[(i - 1) / 2]); i = (i - 1) / 2) heap[i] = heap[(i - 1) / 2];
+  heap[i] = node;
+}
+
+static int heap_pop(int *heap, int *size, const long *freq) {
+  int top = heap[0], last = heap[--(*size)], i = 0;
+  for (;;) {
+    int child = 2 * i + 1;
+    if (child >= *size) break;
+    if (child + 1 < *size && heap_less(freq, heap[child + 1], heap[child])) child++;
+    if (!heap_less(freq, heap[child], last)) break;
+    heap[i] = heap[child];
+    i = child;
+  }
+  heap[i] = last;
+  return top;
+}
+
 int optimal_table(const long counts[257], uint8_t bits_out[17], uint8_t huffval[256]) {
   enum { MAX_LEN = 32 };
   long freq[257];
@@ -489,17 +511,15 @@ int optimal_table(const long counts[257], uint8_t bits_out[17], uint8_t huffval[
     codesize[i] = 0;
     others[i] = -1;
   }
-  /* Merge the two least frequent nodes until one is left; ties go to the larger symbol. */
-  for (;;) {
-    int c1 = -1, c2 = -1;
-    long v1 = 0, v2 = 0;
-    for (int i = 0; i < n; i++)
-      if (freq[i] && (c1 < 0 || freq[i] <= v1)) c1 = i, v1 = freq[i];
-    for (int i = 0; i < n; i++)
-      if (freq[i] && i != c1 && (c2 < 0 || freq[i] <= v2)) c2 = i, v2 = freq[i];
-    if (c2 < 0) break;
+  /* Merge the two least frequent nodes until one is left; among equal ones the larger
+   * symbol goes first (libjpeg's linear scans; a heap here, same choices). */
+  int heap[257], size = 0;
+  for (int i = 0; i < n; i++) heap_push(heap, &size, freq, i);
+  while (size > 1) {
+    int c1 = heap_pop(heap, &size, freq), c2 = heap_pop(heap, &size, freq);
     freq[c1] += freq[c2];
     freq[c2] = 0;
+    heap_push(heap, &size, freq, c1);
     for (codesize[c1]++; others[c1] >= 0; codesize[c1]++) c1 = others[c1];
     others[c1] = c2;
     for (codesize[c2]++; others[c2] >= 0; codesize[c2]++) c2 = others[c2];
@@ -535,14 +555,18 @@ int optimal_table(const long counts[257], uint8_t bits_out[17], uint8_t huffval[
 
 typedef struct {
   uint8_t bits[17], huffval[256];
-  uint32_t code[256]; /* code << 16 | length, per symbol */
+  /* per symbol: its code shifted left by the symbol's extra bits << 5 | the length of both */
+  uint32_t code[256];
 } EncTable;
 
-static void build_enc_table(EncTable *t) {
+static void build_enc_table(EncTable *t, int dc) {
   uint32_t code = 0;
   int p = 0;
   for (int l = 1; l <= 16; l++, code <<= 1)
-    for (int i = 0; i < t->bits[l]; i++) t->code[t->huffval[p++]] = (code++ << 16) | (uint32_t)l;
+    for (int i = 0; i < t->bits[l]; i++, code++) {
+      int sym = t->huffval[p++], extra = dc ? sym : sym & 15;
+      t->code[sym] = ((code << extra) << 5) | (uint32_t)(l + extra);
+    }
 }
 
 static uint8_t *put16(uint8_t *o, uint32_t v) {
@@ -633,17 +657,21 @@ static uint8_t *write_header(uint8_t *o, const Header *h, const EncTable *dc, co
 
 #define HEADER_MAX 2048
 
-/* Bytes of out (left-aligned) that are 0xFF, among its top n (maybe more: a hint). */
-static inline uint64_t ff_bytes(uint64_t out, int n) {
-  static const uint64_t top[8] = {0, 0xFFull << 56, 0xFFFFull << 48, 0xFFFFFFull << 40, 0xFFFFFFFFull << 32,
-                                  0xFFFFFFFFFFull << 24, 0xFFFFFFFFFFFFull << 16, 0xFFFFFFFFFFFFFFull << 8};
-  uint64_t x = ~out;
-  return (x - 0x0101010101010101ull) & ~x & 0x8080808080808080ull & top[n];
-}
-
 static inline uint8_t *put_byte(uint8_t *o, uint8_t b) {
   *o++ = b;
   if (b == 0xFF) *o++ = 0; /* byte stuffing */
+  return o;
+}
+
+/* Write 8 bytes, stuffing a 0x00 after each 0xFF. */
+static inline uint8_t *put_8_bytes(uint8_t *o, uint64_t v) {
+  uint64_t x = ~v;
+  if (__builtin_expect(((x - 0x0101010101010101ull) & ~x & 0x8080808080808080ull) == 0, 1)) { /* no 0xFF */
+    uint64_t be = __builtin_bswap64(v);
+    memcpy(o, &be, 8);
+    return o + 8;
+  }
+  for (int i = 56; i >= 0; i -= 8) o = put_byte(o, (uint8_t)(v >> i));
   return o;
 }
 
@@ -657,32 +685,25 @@ static int write_scan(const Header *h, const Geometry *g, const Symbols *syms, c
   size_t per_mcu = (size_t)g->nblocks * 64 * 8 + 16; /* 27 bits a symbol at most, doubled by stuffing */
   const uint32_t *e = syms->sym;
   uint64_t acc = 0;
-  int n = 0; /* bits in acc not yet written, < 8 between symbols */
+  int room = 64; /* bits acc can take before it is written */
   uint64_t total = (uint64_t)g->rows * g->cols, k = 0;
   const uint32_t *dct[3], *act[3];
   for (int c = 0; c < h->ncomp; c++) {
     dct[c] = dc[c ? 1 : 0].code;
     act[c] = ac[c ? 1 : 0].code;
   }
-/* Append nb bits (up to 56 may wait in acc: two symbols of 27 bits at most, and 7). */
-#define ADD(val, nb)                \
-  do {                              \
-    acc = (acc << (nb)) | (val);    \
-    n += (nb);                      \
-  } while (0)
-/* Write the whole bytes waiting: one 8-byte store unless one is 0xFF (stuffed). */
-#define FLUSH()                                                                        \
-  do {                                                                                 \
-    uint64_t out = acc << (64 - n);                                                    \
-    int nbytes = n >> 3;                                                               \
-    if (__builtin_expect(ff_bytes(out, nbytes) != 0, 0)) {                             \
-      for (int i = 0; i < nbytes; i++) o = put_byte(o, (uint8_t)(out >> (56 - 8 * i))); \
-    } else {                                                                           \
-      uint64_t be = __builtin_bswap64(out);                                            \
-      memcpy(o, &be, 8);                                                               \
-      o += nbytes;                                                                     \
-    }                                                                                  \
-    n &= 7;                                                                            \
+/* Append the low nb bits of val (nb <= 27) to acc, which has room for `room` more; when
+ * full, write its 8 bytes. */
+#define PUT(val, nb)                                                 \
+  do {                                                               \
+    room -= (nb);                                                    \
+    if (room >= 0) {                                                 \
+      acc = (acc << (nb)) | (val);                                   \
+    } else {                                                         \
+      o = put_8_bytes(o, (acc << ((nb) + room)) | ((val) >> -room)); \
+      acc = (val);                                                   \
+      room += 64;                                                    \
+    }                                                                \
   } while (0)
   for (uint32_t row = 0; row < g->rows; row++) {
     wr32le(index + INDEX_HEADER + 4 * row, (uint32_t)(o - buf));
@@ -700,31 +721,27 @@ static int write_scan(const Header *h, const Geometry *g, const Symbols *syms, c
       }
       for (int b = 0; b < g->nblocks; b++) {
         int c = g->bcomp[b];
-        uint32_t s = *e++, cat = s & 0xFF, hc = dct[c][cat];
-        ADD(((hc >> 16) << cat) | (s >> 8), (hc & 0xFF) + cat);
+        uint32_t head = *e++, hc = dct[c][head & 15];
+        PUT((hc >> 5) | ((head >> 4) & 0x7FF), hc & 31);
         const uint32_t *acode = act[c];
-        for (int pair = 1;; pair ^= 1) { /* a flush after every other symbol */
-          s = *e++;
-          uint32_t sym = s & 0xFF, size = sym & 15;
-          hc = acode[sym];
-          ADD(((hc >> 16) << size) | ((s >> 8) & 0x7FFF), (hc & 0xFF) + size);
-          if (sym == 0 || (s & LAST_IN_BLOCK)) break;
-          if (pair) FLUSH();
+        for (uint32_t i = head >> 16; i > 0; i--) {
+          uint32_t s = *e++;
+          hc = acode[s & 0xFF];
+          PUT((hc >> 5) | (s >> 8), hc & 31);
         }
-        FLUSH();
       }
-      /* Pad to a byte with 1 bits (as libjpeg), then the restart marker. */
-      ADD(0x7F, 7);
-      FLUSH();
-      n = 0;
+      /* Pad to a byte with 1 bits (as libjpeg), write the whole bytes, then the marker. */
+      PUT(0x7F, 7);
+      for (int left = 64 - room; left >= 8; left -= 8) o = put_byte(o, (uint8_t)(acc >> (left - 8)));
+      acc = 0;
+      room = 64;
       if (k + 1 < total) {
         *o++ = 0xFF;
         *o++ = (uint8_t)(0xD0 + (k & 7));
       }
     }
   }
-#undef ADD
-#undef FLUSH
+#undef PUT
   if ((size_t)(o - buf) > UINT32_MAX - 2) {
     *pbuf = buf;
     return -1;
@@ -767,8 +784,8 @@ int recode_baseline(const uint8_t *data, size_t len, Transcoded *out) {
   for (int t = 0; t < (h.ncomp > 1 ? 2 : 1); t++) {
     if (optimal_table(dcf[t], dc[t].bits, dc[t].huffval) < 0 || optimal_table(acf[t], ac[t].bits, ac[t].huffval) < 0)
       goto done;
-    build_enc_table(&dc[t]);
-    build_enc_table(&ac[t]);
+    build_enc_table(&dc[t], 1);
+    build_enc_table(&ac[t], 0);
   }
   size_t index_len = INDEX_HEADER + 4 * ((size_t)g.rows + 1), cap = HEADER_MAX + len + len / 4 + 4096, jpeg_len;
   uint32_t sof_pos;
