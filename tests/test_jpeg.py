@@ -325,6 +325,76 @@ def test_recoder_never_accepts_what_libjpeg_would_code_otherwise():
     assert taken > 100  # flips in the scan that keep it decodable are taken
 
 
+def _segments(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """A JPEG's header segments up to and including SOS as (marker, payload), and the rest."""
+    pos, segments = 2, []
+    while True:
+        code, length = data[pos + 1], struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        segments.append((code, data[pos + 4 : pos + 2 + length]))
+        pos += 2 + length
+        if code == 0xDA:
+            return segments, data[pos:]
+
+
+def _joined(segments: list[tuple[int, bytes]], scan: bytes) -> bytes:
+    return b"\xff\xd8" + b"".join(bytes([0xFF, c]) + struct.pack(">H", len(p) + 2) + p for c, p in segments) + scan
+
+
+def _header_variants(data: bytes) -> dict[str, bytes]:
+    """The same scan under headers written other ways than PIL writes them."""
+    segs, scan = _segments(data)
+    no_jfif = [(c, p) for c, p in segs if c != 0xE0]
+    jfif = [(c, p[:5] + bytes([1, 2, 1]) + struct.pack(">HH", 300, 72) + p[12:]) if c == 0xE0 else (c, p) for c, p in segs]
+    dqt = [p for c, p in segs if c == 0xDB]
+    dht = [p for c, p in segs if c == 0xC4]
+
+    def wide(payload: bytes, bump: int) -> bytes:  # 8-bit quantisers written as 16-bit ones
+        out = b""
+        while payload:
+            values = [v + (bump if i == 63 else 0) for i, v in enumerate(payload[1:65])]
+            out += bytes([0x10 | payload[0]]) + struct.pack(">64H", *values)
+            payload = payload[65:]
+        return out
+
+    def replace(code: int, payloads: list[bytes], segs=segs) -> list[tuple[int, bytes]]:
+        first = next(i for i, (c, _) in enumerate(segs) if c == code)
+        rest = [(c, p) for c, p in segs if c != code]
+        return rest[:first] + [(code, p) for p in payloads] + rest[first:]
+
+    sof = next(p for c, p in segs if c == 0xC0)
+    rgb_ids = sof[:6] + b"".join(bytes([i]) + sof[7 + 3 * n : 9 + 3 * n] for n, i in enumerate(b"RGB"))
+    sos = next(p for c, p in segs if c == 0xDA)
+    sos_rgb = sos[:1] + b"".join(bytes([i]) + sos[2 + 2 * n : 3 + 2 * n] for n, i in enumerate(b"RGB")) + sos[7:]
+    sos_swapped = sos[:1] + sos[3:5] + sos[1:3] + sos[5:]
+    return {
+        "no JFIF": _joined(no_jfif, scan),
+        "JFIF 1.02, 300x72 dpi": _joined(jfif, scan),
+        "one DQT, one DHT segment": _joined(replace(0xC4, [b"".join(dht)], replace(0xDB, [b"".join(dqt)])), scan),
+        "16-bit quantisers": _joined(replace(0xDB, [wide(p, 0) for p in dqt]), scan),
+        "a quantiser above 255": _joined(replace(0xDB, [wide(p, 300) for p in dqt]), scan),
+        "Adobe APP14": _joined([(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01")] + segs, scan),
+        "RGB component IDs": _joined([(0xC0, rgb_ids) if c == 0xC0 else (0xDA, sos_rgb) if c == 0xDA else (c, p)
+                                      for c, p in no_jfif], scan),
+        "scan in another component order": _joined([(0xDA, sos_swapped) if c == 0xDA else (c, p) for c, p in segs], scan),
+    }
+
+
+@needs_ext
+def test_recoder_writes_libjpegs_header_for_other_headers():
+    """Headers written other ways (no JFIF, other density, merged or 16-bit tables, Adobe,
+    RGB IDs, another scan order): the re-coder writes the libjpeg path's bytes or declines."""
+    taken = set()
+    for name, data in _header_variants(make_jpeg("420", 40, 24)).items():
+        expected = jpeg._ext.transcode(data, LIBJPEG)
+        recoded = jpeg._ext.transcode(data, RECODE)
+        assert recoded is None or recoded == expected, name
+        assert jpeg.transcode(data) == expected, name
+        if recoded is not None:
+            taken.add(name)
+    assert taken == {"no JFIF", "JFIF 1.02, 300x72 dpi", "one DQT, one DHT segment", "16-bit quantisers",
+                     "a quantiser above 255"}
+
+
 def test_fallback_without_the_extension(monkeypatch):
     original = make_jpeg("422", 61, 45, seed=7)
     ref = pil_rgb(original)
