@@ -197,9 +197,10 @@ static int progression_complete(j_decompress_ptr src) {
 
 /* ------------------------------------------------- optimal Huffman tables
  * libjpeg's own optimize_coding gathers statistics with a slow per-coefficient loop
- * (twice the time of decoding the file). We count the same symbols here, build the tables
- * with the JPEG standard's procedure (Annex K.2, same tie-breaking as libjpeg, so the
- * output is the same bytes), and let libjpeg encode once with them. */
+ * (twice the time of decoding the file). On this (libjpeg) path we count the same symbols
+ * over the coefficients here, build the tables with the JPEG standard's procedure
+ * (optimal_table in recode.c: Annex K.2, same tie-breaking as libjpeg, so the output is the
+ * same bytes), and let libjpeg encode once with them. */
 
 /* Zigzag position -> natural (row-major) index in an 8x8 block. */
 static const uint8_t ZIGZAG[DCTSIZE2] = {
