@@ -152,6 +152,16 @@ def test_verdict_compute_bound() -> None:
     assert "changed between" not in v.text
     v = decide(_figures(50_000, 900, {1: 800, 2: 1_500}, 1_000, 1_300), "store", "cuda", 4)
     assert "130%" in v.text and "changed between the measurements" in v.text
+    assert "set data.workers" not in v.text  # the end-to-end run's 2 workers keep up
+
+
+def test_verdict_names_the_workers_a_config_needs() -> None:
+    # As on an H100 with 16 cores: 15 workers feed the model, the config's 8 do not.
+    figures = _figures(87_000, 612, {2: 1_291, 8: 3_437, 15: 5_582}, 4_583, 2_574)
+    figures[-1] = _figure("end_to_end", "end_to_end", 2_574, 8)
+    v = decide(figures, "store", "cuda", 16)
+    assert v.limit == "model" and "75% of the slower" in v.text
+    assert "the config's 8 workers give only 3,437 img/s: set data.workers=15 to keep up" in v.text
 
 
 def test_verdict_storage_bound() -> None:

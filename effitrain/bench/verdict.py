@@ -49,12 +49,13 @@ def decide(figures: Sequence[Figure], data_kind: str, device: str, cpus: int) ->
     read = by_key["storage.shuffled"].rate.median
     decode = by_key["decode.train"].rate.median
     assert best.workers is not None
+    # The fewest measured workers that keep up with the model step, if any do.
+    enough = min((f.workers for f in loaders if f.rate.median >= model and f.workers is not None), default=None)
 
-    if feed >= model:
+    if enough is not None:
         limit, factor = "model", feed / model
         text = (f"compute-bound: the model step takes {num(model)} img/s and the loader gives {num(feed)} img/s "
                 f"with {_workers(best.workers)}: the loader has {factor:.1f}x headroom")
-        enough = min(f.workers for f in loaders if f.rate.median >= model and f.workers is not None)
         if enough < best.workers:
             text += f" ({_workers(enough)} would keep up)"
         text += "."
@@ -88,6 +89,9 @@ def decide(figures: Sequence[Figure], data_kind: str, device: str, cpus: int) ->
              f"{100 * e2e.rate.median / slower:.0f}% of the slower of its loader and model step")
     if device == "cpu":
         text += f" (on the CPU, the model and the loader workers share the same {cpus} cores)"
+    if enough is not None and e2e.workers is not None and e2e.workers < enough:
+        text += (f"; the config's {_workers(e2e.workers)} give only {num(at_e2e)} img/s: "
+                 f"set data.workers={enough} to keep up with the model")
     if e2e.rate.median > 1.1 * slower:  # cannot be, unless the machine got faster meanwhile
         text += ("; faster than the slower stage: other work on this machine changed between the "
                  "measurements, rerun for steadier figures")
