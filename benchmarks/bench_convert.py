@@ -56,8 +56,8 @@ def warm(root: Path) -> None:
             p.read_bytes()
 
 
-def _convert_name(workers: str) -> str:
-    return "convert" if workers == "default" else f"convert --workers {workers}"
+def _convert_name(flags: list[str]) -> str:
+    return " ".join(["convert", *flags])
 
 
 def timed(cmd: list[str], settle: float = 0.0) -> tuple[float, float, str]:
@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1, help="measure on a tree of this many copies of --src")
     ap.add_argument("--workers", default="default",
                     help="comma-separated convert --workers values to compare, 'default' for none given [default: default]")
+    ap.add_argument("--commit-mb", default="default",
+                    help="comma-separated convert --commit-mb values to compare, 'default' for none given [default: default]")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds to wait before every timed command, after the sync (see RESULTS.md, issue 2)")
     ap.add_argument("--workdir", type=Path, default=None, help="where outputs go (default: a temp dir)")
@@ -94,22 +96,22 @@ def main() -> None:
     small = one_per_class(args.src, workdir / "one-per-class")
     (n_full, b_full), (n_small, b_small) = tree_bytes(args.src), tree_bytes(small)
     warm(args.src)
-    settings = args.workers.split(",")
+    settings = [(w, mb) for w in args.workers.split(",") for mb in args.commit_mb.split(",")]
     out_tar, out_lmdb = workdir / "out.tar", workdir / "out.lmdb"
     tools = {
         "tar": lambda tree: ["tar", "-cf", str(out_tar), "-C", str(tree), "."],
         "tar+fsync": lambda tree: ["sh", "-c", f"tar -cf {out_tar} -C {tree} . && sync {out_tar}"],
     }
-    for w in settings:
-        flag = [] if w == "default" else ["--workers", w]
-        tools[_convert_name(w)] = lambda tree, flag=flag: [
+    for setting in settings:
+        flag = [x for name, value in zip(("--workers", "--commit-mb"), setting) if value != "default" for x in (name, value)]
+        tools[_convert_name(flag)] = lambda tree, flag=flag: [
             sys.executable, "-m", "effitrain", "convert", str(tree), str(out_lmdb), "--keep-bytes", "-q", "--json", *flag]
     # Per tool: (wall, CPU) differences full - one-per-class; for convert also the
     # difference of its own timer (--json "seconds": from after the listing to the rename),
     # which leaves out interpreter start-up and imports and so their noise.
     diffs: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
-    for w in settings:
-        diffs[_convert_name(w) + " (own timer)"] = []
+    for name in [n for n in tools if n.startswith("convert")]:
+        diffs[name + " (own timer)"] = []
     for rep in range(args.reps):
         for name, cmd in tools.items():
             runs = []
@@ -128,7 +130,7 @@ def main() -> None:
 
     images, nbytes = n_full - n_small, b_full - b_small
     result: dict = {"src": str(args.src), "copies": args.copies, "images": images, "bytes": nbytes,
-                    "reps": args.reps, "cpus": os.cpu_count(), "workers": settings, "settle": args.settle}
+                    "reps": args.reps, "cpus": os.cpu_count(), "workers": args.workers, "commit_mb": args.commit_mb, "settle": args.settle}
     print(f"\n{images} images, {nbytes / 1e6:.1f} MB (full tree minus one image per class), {args.reps} runs:")
     for name, pairs in diffs.items():
         t, best = statistics.median(p[0] for p in pairs), min(p[0] for p in pairs)

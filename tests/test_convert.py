@@ -242,3 +242,31 @@ def test_unusable_source_is_a_clear_error(tmp_path: Path, make, message: str) ->
     with pytest.raises(SourceError, match=message):
         convert(tmp_path / "src", tmp_path / "s.lmdb", options=KEEP, progress=False)
     assert not (tmp_path / "s.lmdb").exists() and not partial_path(tmp_path / "s.lmdb").exists()
+
+
+def test_keep_bytes_default_reads_in_a_thread_and_its_errors_reach_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--keep-bytes alone uses no worker process; an unexpected failure of the reader
+    thread stops convert with that error and keeps the committed prefix for --resume."""
+    import effitrain.store.writer as writer
+
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    for i in range(2 * writer.CHUNK + 5):
+        (src / "c" / f"{i:03d}.png").write_bytes(encode("png", seed=i))
+    monkeypatch.setattr(writer.mp, "get_context", lambda *a: pytest.fail("a worker process was started"))
+    real_prepare = writer.prepare
+
+    def failing(path: str, label: int, options: ConvertOptions):
+        if path.endswith("040.png"):
+            raise MemoryError("out of memory in the reader")
+        return real_prepare(path, label, options)
+
+    monkeypatch.setattr(writer, "prepare", failing)
+    with pytest.raises(MemoryError, match="in the reader"):
+        convert(src, tmp_path / "s.lmdb", options=KEEP, commit_bytes=1, progress=False)
+    monkeypatch.setattr(writer, "prepare", real_prepare)
+    summary = convert(src, tmp_path / "s.lmdb", options=KEEP, resume=True, progress=False)
+    assert 0 < summary.resumed_from <= 40 and summary.images == 2 * writer.CHUNK + 5
+    assert_same_as_imagefolder(tmp_path / "s.lmdb", src)
