@@ -5,6 +5,12 @@ every epoch after the first on a machine whose RAM holds the data set), so the f
 the cost of the access path itself: one LMDB lookup against open + read + close of a file.
 
     .venv/bin/python benchmarks/bench_read.py --src ../corpus/train --reps 5
+    .venv/bin/python benchmarks/bench_read.py --src ../corpus/train --reps 3 --cold
+
+--cold drops the files and the store from the page cache before every measurement
+(posix_fadvise DONTNEED, the store closed first; the first epoch, or a data set larger
+than RAM) and adds the loader's way of reading: batches of 256 announced with
+Store.prefetch, then read as views.
 
 The store is converted (--keep-bytes) into a temporary folder first unless --store is given.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import statistics
@@ -47,6 +54,26 @@ def view_store(ds: ImageFolderLMDB, order: list[int]) -> int:
     return total
 
 
+def prefetched_views(ds: ImageFolderLMDB, order: list[int], batch: int = 256) -> int:
+    total = 0
+    for start in range(0, len(order), batch):
+        chunk = order[start : start + batch]
+        ds.store.prefetch(chunk)
+        for i in chunk:
+            total += len(ds.store.record(i, copy=False).payload)
+    return total
+
+
+def evict(paths: list[str]) -> None:
+    """Drop these files' pages from the page cache."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--src", type=Path, default=Path("../corpus/train"))
@@ -54,6 +81,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each measurement")
     args = ap.parse_args()
 
     tmp = None
@@ -74,9 +102,15 @@ def main() -> None:
         "ds.read(i) (payload copied to bytes)": lambda: read_store(ds, order),
         "store.record(i, copy=False) (view into the map)": lambda: view_store(ds, order),
     }
+    if args.cold:
+        ways["store.prefetch per 256, then views (loader)"] = lambda: prefetched_views(ds, order)
+    data_file = str(store / "data.mdb" if store.is_dir() else store)
     times: dict[str, list[float]] = {name: [] for name in ways}
     for rep in range(args.reps):  # interleaved, so drift hits all alike
         for name, fn in ways.items():
+            if args.cold:
+                ds.store.close()  # unmapped pages can be dropped
+                evict(paths + [data_file])
             t = time.perf_counter()
             assert fn() == nbytes
             times[name].append(time.perf_counter() - t)
@@ -85,8 +119,9 @@ def main() -> None:
     n = len(order)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     files = medians["open files (open + read + close)"]
-    result: dict = {"images": n, "bytes": nbytes, "reps": args.reps}
-    print(f"\n{n} random reads, {nbytes / 1e6:.1f} MB, warm cache, median of {args.reps}:")
+    result: dict = {"images": n, "bytes": nbytes, "reps": args.reps, "cache": "cold" if args.cold else "warm"}
+    cache = "cold" if args.cold else "warm"
+    print(f"\n{n} random reads, {nbytes / 1e6:.1f} MB, {cache} cache, median of {args.reps}:")
     for name, t in medians.items():
         result[name] = {"seconds": round(t, 4), "reads_per_s": round(n / t), "mb_per_s": round(nbytes / t / 1e6, 1),
                         "ratio_vs_files": round(files / t, 2)}

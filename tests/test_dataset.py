@@ -48,7 +48,8 @@ def test_pickles_without_an_open_environment(image_store: Path) -> None:
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_dataloader_workers(image_store: Path, image_folder: Path, start_method: str) -> None:
     ds = ImageFolderLMDB(image_store, transform=TRANSFORM)
-    ds.read(0)  # an environment opened in the parent must not leak into forked workers
+    ds.read(0)  # an environment opened in the parent must not leak into forked workers,
+    ds.store.prefetch(list(range(len(ds))))  # nor its prefetch threads (a child has none to wait for)
     loader = DataLoader(ds, batch_size=5, num_workers=2, multiprocessing_context=start_method,
                         persistent_workers=False)
     images, targets = zip(*loader)
@@ -57,3 +58,13 @@ def test_dataloader_workers(image_store: Path, image_folder: Path, start_method:
     want = torch.stack([ref[i][0] for i in range(len(ref))])
     assert torch.equal(got, want) and torch.cat(targets).tolist() == ref.targets
     assert np.asarray(got).dtype == np.uint8
+
+
+def test_prefetch_reads_ahead_in_threads(image_store: Path, image_folder: Path) -> None:
+    ds, ref = ImageFolderLMDB(image_store), ImageFolder(str(image_folder))
+    ds.store.prefetch(list(range(len(ds))))
+    ds.store.close()  # waits for the threads: none may be inside the map when it is unmapped
+    ds.store.prefetch(list(reversed(range(len(ds)))))  # reopens in this process
+    assert [ds.read(i)[0] for i in range(len(ds))] == [Path(path).read_bytes() for path, _ in ref.samples]
+    with pytest.raises(IndexError):
+        ds.store.prefetch([len(ds)])

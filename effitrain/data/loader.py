@@ -61,6 +61,10 @@ class StoreSource:
     def __len__(self) -> int:
         return len(self.store)
 
+    def prefetch(self, indices: list[int]) -> None:
+        """Start reading the records of a batch (see ``Store.prefetch``)."""
+        self.store.prefetch(indices)
+
     def read(self, i: int) -> Sample:
         rec = self.store.record(i, copy=False)  # views into the memory map: decoded, never kept
         name = f"{self.store.path}: record {record_key(i).decode()}"
@@ -77,6 +81,9 @@ class FolderSource:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def prefetch(self, indices: list[int]) -> None:
+        """Nothing: a file is read in one request by ``read``."""
 
     def read(self, i: int) -> Sample:
         path, label = self.samples[i]
@@ -158,6 +165,7 @@ class DecodedBatches(Dataset):
         epoch, indices = spec
         images, slot = self.pool.take(len(indices))
         labels = []
+        self.source.prefetch(indices.tolist())  # in the background, while the first ones decode
         for out, i in zip(images, indices.tolist()):
             s = self.source.read(i)
             crop = self.plan(s.width, s.height, epoch, i)
@@ -182,6 +190,7 @@ class EncodedBatches(Dataset):
         epoch, indices = spec
         size = self.plan.image_size
         chunks, boxes, flips, labels, names, on_cpu, cpu_crops = [], [], [], [], [], [], []
+        self.source.prefetch(indices.tolist())
         for k, i in enumerate(indices.tolist()):
             s = self.source.read(i)
             box, flip, _ = self.plan(s.width, s.height, epoch, i)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import cached_property
 from pathlib import Path
 
@@ -35,6 +37,10 @@ def is_store(path: str | os.PathLike) -> bool:
     return path.is_file() or (path / "data.mdb").exists()
 
 
+# Threads that read records ahead (``Store.prefetch``): enough to keep a disk's queue busy.
+PREFETCH_THREADS = 16
+
+
 class _Handle:
     """A store's LMDB environment in one process, with one read transaction per thread.
 
@@ -50,6 +56,9 @@ class _Handle:
             subdir=path.is_dir(),
         )
         self._local = threading.local()
+        self._pool: ThreadPoolExecutor | None = None  # made on first use, in this process
+        self._pending: list[Future] = []
+        self._pid = os.getpid()
 
     def txn(self) -> lmdb.Transaction:
         txn = getattr(self._local, "txn", None)
@@ -57,7 +66,25 @@ class _Handle:
             txn = self._local.txn = self.env.begin(buffers=True)
         return txn
 
+    def prefetch(self, keys: Sequence[bytes]) -> None:
+        """Read ``keys``' values in background threads, each thread every n-th key in order."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="effitrain-prefetch")
+        self._pending = [f for f in self._pending if not f.done()]
+        for t in range(min(PREFETCH_THREADS, len(keys))):
+            self._pending.append(self._pool.submit(self._touch, keys[t::PREFETCH_THREADS]))
+
+    def _touch(self, keys: Sequence[bytes]) -> None:
+        txn = self.txn()
+        for key in keys:
+            txn.get(key)  # py-lmdb reads every page of the value, without the GIL
+
     def close(self) -> None:
+        # No thread may be inside the map when it is unmapped. A forked child closing the
+        # handle it inherited has none of its parent's threads: nothing to wait for.
+        if self._pool is not None and self._pid == os.getpid():
+            wait(self._pending)
+            self._pool.shutdown()
         self.env.close()  # also ends its transactions
 
 
@@ -197,6 +224,17 @@ class Store:
         key = self._key(i)
         view = self._view(key)
         return decode_record(bytes(view) if copy else view, key)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start reading records ``indices`` into memory in background threads; returns at once.
+
+        py-lmdb touches every page of a value as it returns it, and with the map opened for
+        random reads (no readahead) each page not in the page cache is one 4 KiB disk read
+        after the other: ~2 ms for a 100 KB record here, against ~0.2 ms to read the same
+        bytes from a file. Several records read at once overlap those waits; the records
+        already in memory cost a lookup each. The loader calls this for every batch.
+        """
+        _handle(self.path, self._file_id).prefetch([self._key(i) for i in indices])
 
     def read(self, i: int) -> tuple[bytes, int]:
         """The payload bytes and label of record ``i`` (the payload copied once from the map)."""
