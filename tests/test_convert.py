@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -269,4 +270,33 @@ def test_keep_bytes_default_reads_in_a_thread_and_its_errors_reach_the_caller(
     monkeypatch.setattr(writer, "prepare", real_prepare)
     summary = convert(src, tmp_path / "s.lmdb", options=KEEP, resume=True, progress=False)
     assert 0 < summary.resumed_from <= 40 and summary.images == 2 * writer.CHUNK + 5
+    assert_same_as_imagefolder(tmp_path / "s.lmdb", src)
+
+
+def test_resume_finishes_a_partial_store_with_arrow_metadata_batches(tmp_path: Path) -> None:
+    """A partial store whose metadata batches an earlier effitrain wrote as Arrow streams
+    (now JSON rows) is resumed into the same store as an uninterrupted run."""
+    import pyarrow as pa
+
+    from effitrain.store.format import META_SCHEMA, meta_to_bytes
+    from effitrain.store.writer import BATCH_PREFIX
+
+    src = tmp_path / "src"
+    for i in range(6):
+        (src / "c").mkdir(parents=True, exist_ok=True)
+        (src / "c" / f"{i}.png").write_bytes(encode("png", seed=i))
+    (src / "c" / "4.png").write_bytes(b"not an image")
+    with pytest.raises(ConvertError, match=r"c/4\.png"):
+        convert(src, tmp_path / "s.lmdb", options=KEEP, on_error="fail", commit_bytes=1, progress=False)
+    with lmdb.open(str(partial_path(tmp_path / "s.lmdb")), subdir=True) as env, env.begin(write=True) as txn:
+        batches = [(k, v) for k, v in txn.cursor() if k.startswith(BATCH_PREFIX)]
+        assert len(batches) == 4
+        for key, value in batches[:2]:  # the first two as an older effitrain wrote them
+            rows = json.loads(value)
+            columns = {name: [row[i] for row in rows] for i, name in enumerate(META_SCHEMA.names)}
+            txn.put(key, meta_to_bytes(pa.table(columns, schema=META_SCHEMA)))
+    (src / "c" / "4.png").write_bytes(encode("png", seed=4))
+    convert(src, tmp_path / "s.lmdb", options=KEEP, on_error="fail", resume=True, progress=False)
+    convert(src, tmp_path / "ref.lmdb", options=KEEP, progress=False)
+    assert Store(tmp_path / "s.lmdb").meta.equals(Store(tmp_path / "ref.lmdb").meta, check_metadata=True)
     assert_same_as_imagefolder(tmp_path / "s.lmdb", src)

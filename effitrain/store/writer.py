@@ -369,8 +369,8 @@ def _run(
         state["next"] = next_index
         puts = {}
         if rows:
-            columns = {name: list(column) for name, column in zip(META_SCHEMA.names, zip(*rows))}
-            puts[BATCH_PREFIX + b"%09d" % state["batches"]] = meta_to_bytes(pa.table(columns, schema=META_SCHEMA))
+            # JSON, not Arrow: a few µs instead of ~55 per commit; _finish builds the table.
+            puts[BATCH_PREFIX + b"%09d" % state["batches"]] = json.dumps(rows).encode()
             state["batches"] += 1
         puts[PROGRESS_KEY] = json.dumps(state).encode()
         store.commit(puts)
@@ -580,11 +580,22 @@ def _prepare_chunk(paths: list[str], labels: list[int], slot: int | None, option
 
 def _finish(store: _PartialStore, source: Source, store_options: dict, state: dict) -> None:
     """Replace the progress records by ``__meta__``, ``__len__`` and ``__keys__``."""
+    batch_keys = [BATCH_PREFIX + b"%09d" % b for b in range(state["batches"])]
+    tables, rows = [], []
     with store.env.begin() as txn:
-        batch_keys = [BATCH_PREFIX + b"%09d" % b for b in range(state["batches"])]
-        tables = [meta_from_bytes(txn.get(k)) for k in batch_keys]
+        for key in batch_keys:
+            batch = txn.get(key)
+            if batch[:1] != b"[":  # Arrow: a partial store begun by an effitrain before JSON batches
+                tables += [_rows_table(rows), meta_from_bytes(batch)]
+                rows = []
+                continue
+            rows += json.loads(batch)
+            if len(rows) >= 1 << 16:  # a table at a time: Python rows take ~10x the memory
+                tables.append(_rows_table(rows))
+                rows = []
+    tables.append(_rows_table(rows))
     # One chunk, so the bytes do not depend on where an interrupted run was resumed.
-    table = pa.concat_tables(tables).combine_chunks() if tables else META_SCHEMA.empty_table()
+    table = pa.concat_tables(tables).combine_chunks()
     table = with_store_metadata(table, source.classes, store_options, state["skipped"])
     puts = {
         META_KEY: meta_to_bytes(table),
@@ -592,6 +603,13 @@ def _finish(store: _PartialStore, source: Source, store_options: dict, state: di
         KEYS_KEY: "\n".join(table.column("key").to_pylist()).encode(),
     }
     store.commit(puts, deletes=(*batch_keys, PROGRESS_KEY))
+
+
+def _rows_table(rows: list[list]) -> pa.Table:
+    """Metadata rows (in ``META_SCHEMA``'s column order) as a table."""
+    if not rows:
+        return META_SCHEMA.empty_table()
+    return pa.table({name: list(column) for name, column in zip(META_SCHEMA.names, zip(*rows))}, schema=META_SCHEMA)
 
 
 def _publish(partial: Path, out: Path) -> None:
