@@ -47,7 +47,10 @@ def scan_imagefolder(root: str | os.PathLike) -> Source:
         samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as e:
         raise SourceError(f"{root}: {e}") from None
-    rel = [(Path(path).relative_to(root).as_posix(), label) for path, label in samples]
+    # make_dataset joins the root and each file's folders and name: cutting that prefix off
+    # costs nothing, where pathlib's relative_to took ~8 us a file (10 s on ImageNet).
+    prefix = os.path.join(os.path.expanduser(root), "")
+    rel = [(path[len(prefix):].replace(os.sep, "/"), label) for path, label in samples]
     return Source(root, classes, rel)
 
 
