@@ -159,6 +159,55 @@ def test_decode_crop_equals_full_decode_then_cut(transcoded, kind, size):
         assert np.array_equal(got, cut(ref, box)), box
 
 
+def libjpeg_decode_crop(data: bytes, index: bytes, box) -> np.ndarray | None:
+    """decode_crop with libjpeg's own Huffman decoder (None where it raises)."""
+    out = np.empty((box[2], box[3], 3), np.uint8)
+    try:
+        jpeg._ext.decode_crop(data, index, box, out, True)
+    except jpeg.JpegError:
+        return None
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["420", "422", "444", "gray", "gray-422", "restarts"])
+def test_crop_huffman_decoder_gives_libjpegs_pixels(transcoded, kind):
+    """decode_crop decodes a sub-JPEG's Huffman codes itself (recode.c); libjpeg's decoder,
+    which it replaces, gives the same pixels, PIL's."""
+    original, ref, new, index = transcoded(kind, (203, 157))
+    for box in boxes(203, 157, n_random=20, seed=7):
+        ours = jpeg.decode_crop(new, index, box)
+        assert np.array_equal(ours, cut(ref, box)), box
+        assert np.array_equal(libjpeg_decode_crop(new, index, box), ours), box
+
+
+@needs_ext
+def test_crop_huffman_decoder_on_corrupt_codes(transcoded):
+    """Bits flipped in the entropy-coded data (markers kept): the crop decoder raises, or
+    gives exactly what libjpeg's decoder gives; it never accepts what libjpeg refuses."""
+    original, ref, new, index = transcoded("420", (203, 157))
+    scan = struct.unpack("<I", index[12:16])[0]  # the first entropy-coded byte
+    rng = random.Random(11)
+    outcomes = {"raised": 0, "decoded": 0}
+    for trial in range(400):
+        data = bytearray(new)
+        for _ in range(rng.randint(1, 3)):
+            pos = rng.randrange(scan, len(data) - 2)
+            flipped = data[pos] ^ (1 << rng.randrange(8))
+            if data[pos] != 0xFF and data[pos - 1] != 0xFF and flipped != 0xFF:
+                data[pos] = flipped
+        box = (rng.randrange(100), rng.randrange(100), 57, 57)
+        try:
+            ours = jpeg.decode_crop(bytes(data), index, box)
+        except jpeg.JpegError:
+            outcomes["raised"] += 1
+            continue
+        outcomes["decoded"] += 1
+        theirs = libjpeg_decode_crop(bytes(data), index, box)
+        assert theirs is not None and np.array_equal(ours, theirs), trial
+    assert outcomes["raised"] > 20 and outcomes["decoded"] > 20, outcomes
+
+
 @needs_ext
 @pytest.mark.parametrize("kind,size", [(k, (203, 157)) for k in ("420", "422", "444", "gray")] + [("420", (37, 29))])
 def test_sub_jpeg_decodes_with_torchvision_and_pil(transcoded, kind, size):

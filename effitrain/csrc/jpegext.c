@@ -14,7 +14,10 @@
  *     A small valid JPEG made of just the MCUs a box needs (same tables, new frame size,
  *     restart markers renumbered), and the box inside it.
  * decode(data, box, out)           decode the box of any supported JPEG as RGB into `out`
- * decode_crop(data, index, box, out)  crop + decode, without building Python objects
+ * decode_crop(data, index, box, out, libjpeg_entropy=False)
+ *                                  crop + decode, without building Python objects; the
+ *                                  MCUs' Huffman codes decoded by recode.c (libjpeg's own
+ *                                  decoder with libjpeg_entropy, for tests and benchmarks)
  * info(data)                       -> (width, height, rgb_ok) from the header alone
  *
  * Boxes are (top, left, height, width). Decoding uses libjpeg's defaults, which are what
@@ -43,6 +46,7 @@
 
 #include <jpeglib.h>
 #include <jerror.h> /* error codes, ERREXIT */
+#include <jpegint.h> /* struct jpeg_entropy_decoder, jpeg_input_controller: see take_entropy_decoding */
 
 #include "recode.h"
 
@@ -201,12 +205,6 @@ static int progression_complete(j_decompress_ptr src) {
  * over the coefficients here, build the tables with the JPEG standard's procedure
  * (optimal_table in recode.c: Annex K.2, same tie-breaking as libjpeg, so the output is the
  * same bytes), and let libjpeg encode once with them. */
-
-/* Zigzag position -> natural (row-major) index in an 8x8 block. */
-static const uint8_t ZIGZAG[DCTSIZE2] = {
-    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,  12, 19, 26, 33, 40, 48,
-    41, 34, 27, 20, 13, 6,  7,  14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23,
-    30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63};
 
 #define MAX_SYMBOL_BITS 11 /* DC difference categories go up to 11 at 8 bits, AC up to 10 */
 
@@ -542,12 +540,56 @@ corrupt:
 
 /* ---------------------------------------------------------------- decode */
 
+/* libjpeg's entropy decoder, replaced (see below) for a crop's sub-JPEG by recode.c's. */
+static boolean next_mcu(j_decompress_ptr cinfo, JBLOCKROW *MCU_data) {
+  McuDecoder *d = cinfo->client_data;
+  int16_t *blocks[MCU_MAX_BLOCKS];
+  for (int b = 0; b < cinfo->blocks_in_MCU; b++) blocks[b] = MCU_data[b][0];
+  if (mcu_decoder_next(d, blocks) < 0) {
+    ErrorMgr *err = (ErrorMgr *)cinfo->err;
+    snprintf(err->message, sizeof err->message, "corrupt entropy-coded data");
+    longjmp(err->jump, 1);
+  }
+  return TRUE;
+}
+
+/* For a sub-JPEG from build_crop (one interleaved 8-bit Huffman scan, a restart marker
+ * after every MCU), make libjpeg decode its MCUs with recode.c's decoder: libjpeg takes its
+ * slow Huffman path for every MCU of such a scan. The coefficient blocks are the same, so
+ * are the pixels (tests compare both ways); libjpeg still does the IDCT, upsampling and
+ * colour conversion. Call after jpeg_start_decompress; NULL: libjpeg decodes on its own. */
+static McuDecoder *take_entropy_decoding(j_decompress_ptr cinfo) {
+  if (cinfo->restart_interval != 1 || cinfo->progressive_mode || cinfo->arith_code || cinfo->data_precision != 8 ||
+      cinfo->buffered_image || cinfo->inputctl->has_multiple_scans || cinfo->comps_in_scan != cinfo->num_components ||
+      cinfo->blocks_in_MCU > MCU_MAX_BLOCKS || cinfo->src->bytes_in_buffer == 0)
+    return NULL;
+  HuffRef dc[MAX_COMPS_IN_SCAN], ac[MAX_COMPS_IN_SCAN];
+  for (int c = 0; c < cinfo->comps_in_scan; c++) {
+    const JHUFF_TBL *d = cinfo->dc_huff_tbl_ptrs[cinfo->cur_comp_info[c]->dc_tbl_no];
+    const JHUFF_TBL *a = cinfo->ac_huff_tbl_ptrs[cinfo->cur_comp_info[c]->ac_tbl_no];
+    if (d == NULL || a == NULL) return NULL;
+    dc[c] = (HuffRef){d->bits, d->huffval};
+    ac[c] = (HuffRef){a->bits, a->huffval};
+  }
+  const uint8_t *scan = cinfo->src->next_input_byte;
+  McuDecoder *dec = mcu_decoder_new(scan, scan + cinfo->src->bytes_in_buffer,
+                                    (uint32_t)cinfo->MCUs_per_row * cinfo->MCU_rows_in_scan, cinfo->blocks_in_MCU,
+                                    cinfo->MCU_membership, cinfo->comps_in_scan, dc, ac);
+  if (dec != NULL) {
+    cinfo->client_data = dec;
+    cinfo->entropy->decode_mcu = next_mcu;
+  }
+  return dec;
+}
+
 /* Decode rows/columns `box` of a JPEG as RGB into out (box[2] * box[3] * 3 bytes). Rows
- * below the box are never decoded. */
-static int decode_rgb(const uint8_t *data, size_t len, const long box[4], uint8_t *out, char *msg) {
+ * below the box are never decoded. `own_entropy`: the JPEG is one of build_crop's, decode
+ * its MCUs with take_entropy_decoding (tests and benchmarks turn that off). */
+static int decode_rgb(const uint8_t *data, size_t len, const long box[4], int own_entropy, uint8_t *out, char *msg) {
   struct jpeg_decompress_struct cinfo;
   ErrorMgr err;
   uint8_t *volatile scratch = NULL;
+  McuDecoder *volatile dec = NULL;
   enum { MAX_ROWS = 16 };
 
   memset(&cinfo, 0, sizeof cinfo);
@@ -556,6 +598,7 @@ static int decode_rgb(const uint8_t *data, size_t len, const long box[4], uint8_
     snprintf(msg, MSG_LEN, "%s", err.message);
     jpeg_destroy_decompress(&cinfo);
     free(scratch);
+    mcu_decoder_free(dec);
     return -1;
   }
   jpeg_create_decompress(&cinfo);
@@ -575,6 +618,7 @@ static int decode_rgb(const uint8_t *data, size_t len, const long box[4], uint8_
   cinfo.dct_method = JDCT_ISLOW;
   cinfo.do_fancy_upsampling = TRUE;
   jpeg_start_decompress(&cinfo);
+  if (own_entropy) dec = take_entropy_decoding(&cinfo);
 
   size_t stride = (size_t)cinfo.output_width * 3, out_stride = (size_t)box[3] * 3;
   int direct = box[1] == 0 && (size_t)box[3] == cinfo.output_width; /* libjpeg writes into out */
@@ -595,6 +639,7 @@ static int decode_rgb(const uint8_t *data, size_t len, const long box[4], uint8_
   }
   jpeg_destroy_decompress(&cinfo); /* stops without reading the rest */
   free(scratch);
+  mcu_decoder_free(dec);
   return 0;
 }
 
@@ -684,7 +729,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
   if (!PyArg_ParseTuple(args, "y*Ow*:decode", &data, &box_obj, &out)) return NULL;
   if (!parse_box(box_obj, box) || !check_out(&out, box)) goto fail;
   Py_BEGIN_ALLOW_THREADS
-  rc = decode_rgb(data.buf, (size_t)data.len, box, out.buf, msg);
+  rc = decode_rgb(data.buf, (size_t)data.len, box, 0, out.buf, msg);
   Py_END_ALLOW_THREADS
   if (rc < 0) {
     PyErr_SetString(JpegError, msg);
@@ -704,8 +749,8 @@ static PyObject *py_decode_crop(PyObject *self, PyObject *args) {
   PyObject *box_obj;
   long box[4], inner[4];
   char msg[MSG_LEN];
-  int rc;
-  if (!PyArg_ParseTuple(args, "y*y*Ow*:decode_crop", &data, &index, &box_obj, &out)) return NULL;
+  int rc, libjpeg_entropy = 0;
+  if (!PyArg_ParseTuple(args, "y*y*Ow*|p:decode_crop", &data, &index, &box_obj, &out, &libjpeg_entropy)) return NULL;
   if (!parse_box(box_obj, box) || !check_out(&out, box)) goto fail;
   Py_BEGIN_ALLOW_THREADS
   Layout L;
@@ -713,7 +758,7 @@ static PyObject *py_decode_crop(PyObject *self, PyObject *args) {
   size_t sub_len = 0;
   rc = parse_layout(data.buf, (size_t)data.len, index.buf, (size_t)index.len, &L, msg);
   if (rc == 0) rc = build_crop(data.buf, &L, box, &sub, &sub_len, inner, msg);
-  if (rc == 0) rc = decode_rgb(sub, sub_len, inner, out.buf, msg);
+  if (rc == 0) rc = decode_rgb(sub, sub_len, inner, !libjpeg_entropy, out.buf, msg);
   free(sub);
   Py_END_ALLOW_THREADS
   if (rc < 0) {
@@ -760,7 +805,7 @@ static PyMethodDef methods[] = {
      "transcode(data, method=0) -> (jpeg, index) or None: lossless restart-per-MCU transcode."},
     {"crop", py_crop, METH_VARARGS, "crop(data, index, box) -> (sub_jpeg, inner_box)."},
     {"decode", py_decode, METH_VARARGS, "decode(data, box, out): decode box of a JPEG as RGB into out."},
-    {"decode_crop", py_decode_crop, METH_VARARGS, "decode_crop(data, index, box, out): crop + decode into out."},
+    {"decode_crop", py_decode_crop, METH_VARARGS, "decode_crop(data, index, box, out, libjpeg_entropy=False): crop + decode into out."},
     {"info", py_info, METH_VARARGS, "info(data) -> (width, height, rgb_ok) from the header."},
     {NULL, NULL, 0, NULL},
 };

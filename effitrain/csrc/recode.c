@@ -474,6 +474,169 @@ done:
   return rc;
 }
 
+/* ------------------------------------------------------- crop decoding */
+
+/* jpegext.c's crop decode hands libjpeg's coefficient controller the blocks decoded here:
+ * libjpeg takes its slow, byte-at-a-time Huffman path for every MCU of a scan with restart
+ * markers, which was ~3/4 of a crop's decode time. The blocks are libjpeg's: quantised
+ * coefficients in natural order, DC predictors reset at every MCU (restart interval 1). */
+
+/* An AC lookup for the crop decoder: for a code whose extra bits also fit in AC_BITS, the
+ * coefficient itself (AC_COEF: value, zeros before it, length of code and extra bits);
+ * AC_EOB for end of block; 0 for the rest (ZRL, longer codes): decode_sym then. */
+#define AC_BITS 11
+#define AC_COEF (1u << 31)
+#define AC_EOB (1u << 30)
+
+typedef struct {
+  DecTable dc, ac;
+  uint32_t fast[1 << AC_BITS];
+} CropTables;
+
+struct McuDecoder {
+  uint8_t *u;       /* the unstuffed scan, PAD zero bytes after it */
+  uint32_t *bounds; /* where MCU i starts in u; bounds[n_mcus] = the end */
+  uint32_t n_mcus, next;
+  int nblocks, bcomp[MCU_MAX_BLOCKS];
+  const CropTables *tables[4]; /* per component of the scan */
+  CropTables owned[4];
+};
+
+/* HUFF_EXTEND: the signed value of `size` extra bits v, without a branch on the sign (a
+ * coin toss per coefficient); 0 for size 0. */
+static inline int extend(uint32_t v, int size) {
+  int negative = ((int)v - (int)((1u << size) >> 1)) >> 31; /* -1 where the top bit is 0 */
+  return (int)v + (negative & (int)((~0u << size) + 1));
+}
+
+static void build_ac_fast(const HuffSpec *s, uint32_t *fast) {
+  int p = 0;
+  uint32_t code = 0;
+  memset(fast, 0, sizeof(uint32_t) << AC_BITS);
+  for (int l = 1; l <= AC_BITS; l++, code <<= 1)
+    for (int i = 0; i < s->bits[l]; i++, p++, code++) {
+      int sym = s->huffval[p], size = sym & 15, run = sym >> 4;
+      if (sym != 0 && (size == 0 || l + size > AC_BITS)) continue;
+      int rest = AC_BITS - l - size;
+      for (uint32_t x = 0; x < (1u << size); x++) {
+        uint32_t e = sym == 0 ? AC_EOB | (uint32_t)l << 24
+                              : AC_COEF | (uint32_t)(l + size) << 24 | (uint32_t)run << 16 | (uint16_t)extend(x, size);
+        for (uint32_t j = 0; j < (1u << rest); j++) fast[(code << (AC_BITS - l)) | (x << rest) | j] = e;
+      }
+    }
+}
+
+/* One block's coefficients, as libjpeg's decode_mcu writes them into a zeroed block
+ * (libjpeg's coefficient controller zeroes the MCU's blocks before each call). */
+static inline int decode_coefs(const CropTables *t, Bits *bits, int *pred, int16_t *blk) {
+  Bits b = *bits;
+  uint32_t v;
+  refill(&b);
+  int s = decode_sym(&t->dc, 1, &b, &v);
+  if (s < 0) return -1;
+  *pred += extend(v, s);
+  blk[0] = (int16_t)*pred;
+  for (int k = 1; k < 64;) {
+    refill(&b); /* 56+ bits: enough for one symbol (27 bits at most) */
+    uint32_t e = t->fast[b.buf >> (64 - AC_BITS)];
+    if (e & AC_COEF) {
+      consume(&b, (int)(e >> 24 & 31));
+      k += (int)(e >> 16 & 15);
+      if (k > 63) return -1; /* a coefficient past the block */
+      blk[ZIGZAG[k++]] = (int16_t)e;
+      continue;
+    }
+    if (e & AC_EOB) {
+      consume(&b, (int)(e >> 24 & 31));
+      break;
+    }
+    s = decode_sym(&t->ac, 0, &b, &v);
+    if (s < 0) return -1;
+    int run = s >> 4, size = s & 15;
+    if (size) {
+      k += run;
+      if (k > 63) return -1;
+      blk[ZIGZAG[k++]] = (int16_t)extend(v, size);
+    } else if (run == 15) {
+      k += 16; /* ZRL */
+    } else
+      break; /* EOB (libjpeg reads any run of size 0 so) */
+  }
+  *bits = b;
+  return 0;
+}
+
+/* The tables of scan component c: shared with an earlier component using the same ones. */
+static const CropTables *tables_for(McuDecoder *d, int *used, const HuffRef *dc, const HuffRef *ac, int c) {
+  for (int j = 0; j < c; j++)
+    if (dc[j].bits == dc[c].bits && dc[j].huffval == dc[c].huffval && ac[j].bits == ac[c].bits &&
+        ac[j].huffval == ac[c].huffval)
+      return d->tables[j];
+  HuffSpec ds, as;
+  ds.defined = as.defined = 1;
+  memcpy(ds.bits, dc[c].bits, 17);
+  memcpy(ds.huffval, dc[c].huffval, 256);
+  memcpy(as.bits, ac[c].bits, 17);
+  memcpy(as.huffval, ac[c].huffval, 256);
+  CropTables *t = &d->owned[(*used)++];
+  if (build_dec_table(&ds, 1, &t->dc) < 0 || build_dec_table(&as, 0, &t->ac) < 0) return NULL;
+  build_ac_fast(&as, t->fast);
+  return t;
+}
+
+McuDecoder *mcu_decoder_new(const uint8_t *scan, const uint8_t *end, uint32_t n_mcus, int nblocks,
+                            const int *block_comp, int ncomp, const HuffRef *dc, const HuffRef *ac) {
+  if (nblocks < 1 || nblocks > MCU_MAX_BLOCKS || ncomp < 1 || ncomp > 4 || n_mcus == 0 ||
+      end - scan > (1 << 30))
+    return NULL;
+  McuDecoder *d = malloc(sizeof *d);
+  if (d == NULL) return NULL;
+  d->u = malloc((size_t)(end - scan) + PAD);
+  d->bounds = malloc(((size_t)n_mcus + 1) * sizeof *d->bounds);
+  d->n_mcus = n_mcus;
+  d->next = 0;
+  d->nblocks = nblocks;
+  int used = 0;
+  for (int b = 0; b < nblocks; b++) {
+    if (block_comp[b] < 0 || block_comp[b] >= ncomp) goto fail;
+    d->bcomp[b] = block_comp[b];
+  }
+  for (int c = 0; c < ncomp; c++) {
+    if (dc[c].bits == NULL || ac[c].bits == NULL || (d->tables[c] = tables_for(d, &used, dc, ac, c)) == NULL)
+      goto fail;
+  }
+  if (d->u == NULL || d->bounds == NULL || unstuff(scan, end, d->u, d->bounds, n_mcus) < 0) goto fail;
+  return d;
+fail:
+  mcu_decoder_free(d);
+  return NULL;
+}
+
+int mcu_decoder_next(McuDecoder *d, int16_t *const *blocks) {
+  if (d->next >= d->n_mcus) return -1;
+  const uint8_t *start = d->u + d->bounds[d->next];
+  uint64_t limit = 8 * (uint64_t)(d->bounds[d->next + 1] - d->bounds[d->next]);
+  Bits b = {0, 0, start};
+  int pred[4] = {0, 0, 0, 0};
+  d->next++;
+#define POS ((uint64_t)(b.next - start) * 8 - (uint64_t)b.nbits)
+  for (int k = 0; k < d->nblocks; k++) {
+    int c = d->bcomp[k];
+    if (decode_coefs(d->tables[c], &b, &pred[c], blocks[k]) < 0) return -1;
+    if (POS > limit) return -1; /* ran past the MCU's data (libjpeg would warn) */
+  }
+  if (limit - POS > 7) return -1; /* whole bytes left before the marker (libjpeg would warn) */
+#undef POS
+  return 0;
+}
+
+void mcu_decoder_free(McuDecoder *d) {
+  if (d == NULL) return;
+  free(d->u);
+  free(d->bounds);
+  free(d);
+}
+
 /* ------------------------------------------------------ optimal tables */
 
 /* A min-heap of node numbers: by frequency, then the larger number first. */
