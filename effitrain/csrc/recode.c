@@ -536,32 +536,41 @@ static inline int decode_coefs(const CropTables *t, Bits *bits, int *pred, int16
   if (s < 0) return -1;
   *pred += extend(v, s);
   blk[0] = (int16_t)*pred;
-  for (int k = 1; k < 64;) {
-    refill(&b); /* 56+ bits: enough for one symbol (27 bits at most) */
-    uint32_t e = t->fast[b.buf >> (64 - AC_BITS)];
-    if (e & AC_COEF) {
-      consume(&b, (int)(e >> 24 & 31));
-      k += (int)(e >> 16 & 15);
-      if (k > 63) return -1; /* a coefficient past the block */
-      blk[ZIGZAG[k++]] = (int16_t)e;
-      continue;
-    }
-    if (e & AC_EOB) {
-      consume(&b, (int)(e >> 24 & 31));
-      break;
-    }
-    s = decode_sym(&t->ac, 0, &b, &v);
-    if (s < 0) return -1;
-    int run = s >> 4, size = s & 15;
-    if (size) {
-      k += run;
-      if (k > 63) return -1;
-      blk[ZIGZAG[k++]] = (int16_t)extend(v, size);
-    } else if (run == 15) {
-      k += 16; /* ZRL */
-    } else
-      break; /* EOB (libjpeg reads any run of size 0 so) */
+  /* A refill leaves 56+ bits: enough for two AC symbols (26 bits at most each). */
+  int k = 1;
+#define AC_SYMBOL                                                                            \
+  {                                                                                          \
+    uint32_t e = t->fast[b.buf >> (64 - AC_BITS)];                                           \
+    if (e & AC_COEF) {                                                                       \
+      consume(&b, (int)(e >> 24 & 31));                                                      \
+      k += (int)(e >> 16 & 15);                                                              \
+      if (k > 63) return -1; /* a coefficient past the block */                              \
+      blk[ZIGZAG[k++]] = (int16_t)e;                                                         \
+    } else if (e & AC_EOB) {                                                                 \
+      consume(&b, (int)(e >> 24 & 31));                                                      \
+      goto done;                                                                             \
+    } else {                                                                                 \
+      s = decode_sym(&t->ac, 0, &b, &v);                                                     \
+      if (s < 0) return -1;                                                                  \
+      int run = s >> 4, size = s & 15;                                                       \
+      if (size) {                                                                            \
+        k += run;                                                                            \
+        if (k > 63) return -1;                                                               \
+        blk[ZIGZAG[k++]] = (int16_t)extend(v, size);                                         \
+      } else if (run == 15) {                                                                \
+        k += 16; /* ZRL */                                                                   \
+      } else                                                                                 \
+        goto done; /* EOB (libjpeg reads any run of size 0 so) */                            \
+    }                                                                                        \
+    if (k > 63) goto done;                                                                   \
   }
+  for (;;) {
+    refill(&b);
+    AC_SYMBOL
+    AC_SYMBOL
+  }
+#undef AC_SYMBOL
+done:
   *bits = b;
   return 0;
 }
