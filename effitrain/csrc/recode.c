@@ -500,6 +500,8 @@ struct McuDecoder {
   int nblocks, bcomp[MCU_MAX_BLOCKS];
   const CropTables *tables[4]; /* per component of the scan */
   CropTables owned[4];
+  int pending;                        /* the next MCU is decoded already, into ahead */
+  int16_t ahead[MCU_MAX_BLOCKS][64];
 };
 
 /* HUFF_EXTEND: the signed value of `size` extra bits v, without a branch on the sign (a
@@ -526,53 +528,88 @@ static void build_ac_fast(const HuffSpec *s, uint32_t *fast) {
     }
 }
 
-/* One block's coefficients, as libjpeg's decode_mcu writes them into a zeroed block
- * (libjpeg's coefficient controller zeroes the MCU's blocks before each call). */
-static inline int decode_coefs(const CropTables *t, Bits *bits, int *pred, int16_t *blk) {
-  Bits b = *bits;
+/* Blocks are written as libjpeg's decode_mcu writes them into zeroed blocks (libjpeg's
+ * coefficient controller zeroes the MCU's blocks before each call). */
+
+/* A block's DC coefficient; *pred is its component's predictor. */
+static inline __attribute__((always_inline)) int dc_step(const CropTables *t, Bits *b, int *pred, int16_t *blk) {
   uint32_t v;
-  refill(&b);
-  int s = decode_sym(&t->dc, 1, &b, &v);
+  refill(b);
+  int s = decode_sym(&t->dc, 1, b, &v);
   if (s < 0) return -1;
   *pred += extend(v, s);
   blk[0] = (int16_t)*pred;
-  /* A refill leaves 56+ bits: enough for two AC symbols (26 bits at most each). */
-  int k = 1;
-#define AC_SYMBOL                                                                            \
-  {                                                                                          \
-    uint32_t e = t->fast[b.buf >> (64 - AC_BITS)];                                           \
-    if (e & AC_COEF) {                                                                       \
-      consume(&b, (int)(e >> 24 & 31));                                                      \
-      k += (int)(e >> 16 & 15);                                                              \
-      if (k > 63) return -1; /* a coefficient past the block */                              \
-      blk[ZIGZAG[k++]] = (int16_t)e;                                                         \
-    } else if (e & AC_EOB) {                                                                 \
-      consume(&b, (int)(e >> 24 & 31));                                                      \
-      goto done;                                                                             \
-    } else {                                                                                 \
-      s = decode_sym(&t->ac, 0, &b, &v);                                                     \
-      if (s < 0) return -1;                                                                  \
-      int run = s >> 4, size = s & 15;                                                       \
-      if (size) {                                                                            \
-        k += run;                                                                            \
-        if (k > 63) return -1;                                                               \
-        blk[ZIGZAG[k++]] = (int16_t)extend(v, size);                                         \
-      } else if (run == 15) {                                                                \
-        k += 16; /* ZRL */                                                                   \
-      } else                                                                                 \
-        goto done; /* EOB (libjpeg reads any run of size 0 so) */                            \
-    }                                                                                        \
-    if (k > 63) goto done;                                                                   \
-  }
-  for (;;) {
-    refill(&b);
-    AC_SYMBOL
-    AC_SYMBOL
-  }
-#undef AC_SYMBOL
-done:
-  *bits = b;
   return 0;
+}
+
+/* One AC symbol at coefficient *k (needs a refill before): 1 while the block goes on, 0
+ * at its end, -1 for corrupt data. */
+static inline __attribute__((always_inline)) int ac_step(const CropTables *t, Bits *b, int *k, int16_t *blk) {
+  uint32_t e = t->fast[b->buf >> (64 - AC_BITS)];
+  if (e & AC_COEF) {
+    consume(b, (int)(e >> 24 & 31));
+    *k += (int)(e >> 16 & 15);
+    if (*k > 63) return -1; /* a coefficient past the block */
+    blk[ZIGZAG[(*k)++]] = (int16_t)e;
+    return *k < 64;
+  }
+  if (e & AC_EOB) {
+    consume(b, (int)(e >> 24 & 31));
+    return 0;
+  }
+  uint32_t v;
+  int s = decode_sym(&t->ac, 0, b, &v);
+  if (s < 0) return -1;
+  int run = s >> 4, size = s & 15;
+  if (size) {
+    *k += run;
+    if (*k > 63) return -1;
+    blk[ZIGZAG[(*k)++]] = (int16_t)extend(v, size);
+  } else if (run == 15) {
+    *k += 16; /* ZRL */
+  } else
+    return 0; /* EOB (libjpeg reads any run of size 0 so) */
+  return *k < 64;
+}
+
+/* One block. */
+static inline int decode_block_coefs(const CropTables *t, Bits *bits, int *pred, int16_t *blk) {
+  Bits b = *bits;
+  int k = 1, r;
+  if (dc_step(t, &b, pred, blk) < 0) return -1;
+  do {
+    refill(&b);
+    r = ac_step(t, &b, &k, blk);
+  } while (r > 0);
+  *bits = b;
+  return r;
+}
+
+/* The same block of two MCUs (same component, same tables), symbol by symbol in turn: two
+ * independent chains of table lookups in flight instead of one, where each symbol's
+ * position depends on the previous one's length. */
+static inline int decode_block_pair(const CropTables *t, Bits *bits_a, int *pred_a, int16_t *blk_a, Bits *bits_b,
+                                    int *pred_b, int16_t *blk_b) {
+  Bits a = *bits_a, b = *bits_b;
+  int ka = 1, kb = 1, ra, rb;
+  if (dc_step(t, &a, pred_a, blk_a) < 0 || dc_step(t, &b, pred_b, blk_b) < 0) return -1;
+  do {
+    refill(&a);
+    refill(&b);
+    ra = ac_step(t, &a, &ka, blk_a);
+    rb = ac_step(t, &b, &kb, blk_b);
+  } while (ra > 0 && rb > 0);
+  while (ra > 0) {
+    refill(&a);
+    ra = ac_step(t, &a, &ka, blk_a);
+  }
+  while (rb > 0) {
+    refill(&b);
+    rb = ac_step(t, &b, &kb, blk_b);
+  }
+  *bits_a = a;
+  *bits_b = b;
+  return ra < 0 || rb < 0 ? -1 : 0;
 }
 
 /* The tables of scan component c: shared with an earlier component using the same ones. */
@@ -604,6 +641,7 @@ McuDecoder *mcu_decoder_new(const uint8_t *scan, const uint8_t *end, uint32_t n_
   d->bounds = malloc(((size_t)n_mcus + 1) * sizeof *d->bounds);
   d->n_mcus = n_mcus;
   d->next = 0;
+  d->pending = 0;
   d->nblocks = nblocks;
   int used = 0;
   for (int b = 0; b < nblocks; b++) {
@@ -621,21 +659,55 @@ fail:
   return NULL;
 }
 
+/* An MCU's entropy-coded data, read through bits. */
+typedef struct {
+  Bits bits;
+  const uint8_t *start;
+  uint64_t limit; /* its length in bits */
+  int pred[4];
+} Mcu;
+
+static inline void mcu_start(const McuDecoder *d, Mcu *m, uint32_t i) {
+  m->start = d->u + d->bounds[i];
+  m->limit = 8 * (uint64_t)(d->bounds[i + 1] - d->bounds[i]);
+  m->bits = (Bits){0, 0, m->start};
+  m->pred[0] = m->pred[1] = m->pred[2] = m->pred[3] = 0;
+}
+
+/* Bits read past the MCU's data (libjpeg would warn): 1. */
+static inline int overran(const Mcu *m) { return (uint64_t)(m->bits.next - m->start) * 8 - (uint64_t)m->bits.nbits > m->limit; }
+
+/* Whole bytes left before the marker (libjpeg would warn): 1. */
+static inline int bytes_left(const Mcu *m) {
+  return m->limit - ((uint64_t)(m->bits.next - m->start) * 8 - (uint64_t)m->bits.nbits) > 7;
+}
+
 int mcu_decoder_next(McuDecoder *d, int16_t *const *blocks) {
+  if (d->pending) { /* decoded with the previous one */
+    d->pending = 0;
+    for (int k = 0; k < d->nblocks; k++) memcpy(blocks[k], d->ahead[k], sizeof d->ahead[k]);
+    return 0;
+  }
   if (d->next >= d->n_mcus) return -1;
-  const uint8_t *start = d->u + d->bounds[d->next];
-  uint64_t limit = 8 * (uint64_t)(d->bounds[d->next + 1] - d->bounds[d->next]);
-  Bits b = {0, 0, start};
-  int pred[4] = {0, 0, 0, 0};
-  d->next++;
-#define POS ((uint64_t)(b.next - start) * 8 - (uint64_t)b.nbits)
+  Mcu a, b;
+  mcu_start(d, &a, d->next++);
+  if (d->next == d->n_mcus) { /* the last one, alone */
+    for (int k = 0; k < d->nblocks; k++) {
+      int c = d->bcomp[k];
+      if (decode_block_coefs(d->tables[c], &a.bits, &a.pred[c], blocks[k]) < 0 || overran(&a)) return -1;
+    }
+    return bytes_left(&a) ? -1 : 0;
+  }
+  mcu_start(d, &b, d->next++); /* the next one alongside, into ahead */
+  memset(d->ahead, 0, (size_t)d->nblocks * sizeof d->ahead[0]);
   for (int k = 0; k < d->nblocks; k++) {
     int c = d->bcomp[k];
-    if (decode_coefs(d->tables[c], &b, &pred[c], blocks[k]) < 0) return -1;
-    if (POS > limit) return -1; /* ran past the MCU's data (libjpeg would warn) */
+    if (decode_block_pair(d->tables[c], &a.bits, &a.pred[c], blocks[k], &b.bits, &b.pred[c], d->ahead[k]) < 0 ||
+        overran(&a) || overran(&b))
+      return -1;
   }
-  if (limit - POS > 7) return -1; /* whole bytes left before the marker (libjpeg would warn) */
-#undef POS
+  if (bytes_left(&a) || bytes_left(&b)) return -1;
+  d->pending = 1;
   return 0;
 }
 
