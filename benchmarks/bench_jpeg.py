@@ -159,6 +159,14 @@ def main() -> None:
     def crop_decode(i, box):
         return jpeg.decode_crop(items[i][0], items[i][1], box)
 
+    def crop_decode_libjpeg_huffman(i, box):  # decode_crop before its own Huffman decoder
+        data, index = items[i]
+        out = np.empty((box[2], box[3], 3), np.uint8)
+        if index:
+            jpeg._ext.decode_crop(data, index, box, out, True)
+            return out
+        return jpeg.decode_crop(data, index, box)
+
     def sub_jpeg_only(i, box):
         return jpeg.crop_jpeg(items[i][0], items[i][1], box)
 
@@ -171,6 +179,7 @@ def main() -> None:
         "torchvision.io full decode + cut": tv_full,
         "effitrain.jpeg.decode full + cut": c_full,
         "decode_crop (RRC boxes)": crop_decode,
+        "decode_crop, libjpeg's Huffman decoder": crop_decode_libjpeg_huffman,
         "crop_jpeg only (sub-JPEG assembly)": sub_jpeg_only,
         "crop_jpeg + torchvision.io decode + cut": sub_jpeg_tv,
     }
