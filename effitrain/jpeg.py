@@ -5,7 +5,8 @@ decode every code before it. ``transcode`` rewrites a JPEG losslessly (its DCT c
 are copied, never re-quantised) so that a restart marker follows every MCU, the 8x8 or
 16x16 block group that is the unit of the stream. Each MCU then starts on a byte of its
 own with fresh predictors, and ``crop_jpeg`` can cut the MCUs a box covers into a small
-valid JPEG of their own. ``decode_crop`` decodes just that, in C, without the GIL.
+valid JPEG of their own. ``decode_crop`` decodes just that, in C, without the GIL (its
+Huffman codes with our own decoder: libjpeg's takes a slow path where restart markers are).
 
 The box is widened by 1 px up/left and 2 px down/right before it is aligned to MCUs:
 chroma upsampling blends neighbouring samples and treats the sub-image's edges as image
