@@ -540,6 +540,8 @@ corrupt:
 
 /* ---------------------------------------------------------------- decode */
 
+_Static_assert(sizeof(JCOEF) == sizeof(int16_t), "recode.c writes libjpeg's coefficients as int16_t");
+
 /* libjpeg's entropy decoder, replaced (see below) for a crop's sub-JPEG by recode.c's. */
 static boolean next_mcu(j_decompress_ptr cinfo, JBLOCKROW *MCU_data) {
   McuDecoder *d = cinfo->client_data;
@@ -565,8 +567,9 @@ static McuDecoder *take_entropy_decoding(j_decompress_ptr cinfo) {
     return NULL;
   HuffRef dc[MAX_COMPS_IN_SCAN], ac[MAX_COMPS_IN_SCAN];
   for (int c = 0; c < cinfo->comps_in_scan; c++) {
-    const JHUFF_TBL *d = cinfo->dc_huff_tbl_ptrs[cinfo->cur_comp_info[c]->dc_tbl_no];
-    const JHUFF_TBL *a = cinfo->ac_huff_tbl_ptrs[cinfo->cur_comp_info[c]->ac_tbl_no];
+    int dt = cinfo->cur_comp_info[c]->dc_tbl_no, at = cinfo->cur_comp_info[c]->ac_tbl_no;
+    if (dt < 0 || dt >= NUM_HUFF_TBLS || at < 0 || at >= NUM_HUFF_TBLS) return NULL;
+    const JHUFF_TBL *d = cinfo->dc_huff_tbl_ptrs[dt], *a = cinfo->ac_huff_tbl_ptrs[at];
     if (d == NULL || a == NULL) return NULL;
     dc[c] = (HuffRef){d->bits, d->huffval};
     ac[c] = (HuffRef){a->bits, a->huffval};
