@@ -29,7 +29,6 @@ from .format import (
 )
 
 
-
 def is_store(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like a store (an LMDB file, or a directory holding data.mdb)
     rather than an ImageFolder directory; nothing is opened."""

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
 class SourceError(ValueError):
     """The source folder or label file cannot be used (missing, empty, malformed)."""
 

@@ -205,8 +205,6 @@ def convert(
     return summary
 
 
-
-
 class _PartialStore:
     """The LMDB of ``OUT.partial``, written by this process only, one transaction at a time.
 
