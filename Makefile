@@ -11,15 +11,23 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh $(VENV)
 	touch $@
 
-# effitrain's C JPEG extension (effitrain/jpeg.py); optional: without it, a PIL fallback.
+# effitrain's C extensions, both optional: the JPEG one (effitrain/jpeg.py; without it, a
+# PIL fallback) and the store's file reader with a fast CRC32 (effitrain/store/prepare.py;
+# without it, Python's os and zlib).
 EXT_SO := effitrain/_jpegext.so
-ext: $(EXT_SO)
+IO_SO := effitrain/_storeio.so
+PY_INCLUDE = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+ext: $(EXT_SO) $(IO_SO)
 
 EXT_SRC := effitrain/csrc/jpegext.c effitrain/csrc/recode.c
 $(EXT_SO): $(EXT_SRC) effitrain/csrc/recode.h $(STAMP)
-	@$(CC) -O2 -Wall -shared -fPIC -I"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+	@$(CC) -O2 -Wall -shared -fPIC -I"$(PY_INCLUDE)" \
 	  $(EXT_SRC) -ljpeg -o $@ 2>$(VENV)/jpegext-build.log \
 	  || echo "effitrain: C JPEG extension not built (see $(VENV)/jpegext-build.log); using the PIL fallback"
+
+$(IO_SO): effitrain/csrc/storeio.c $(STAMP)
+	@$(CC) -O2 -Wall -shared -fPIC -I"$(PY_INCLUDE)" $< -lz -o $@ 2>$(VENV)/storeio-build.log \
+	  || echo "effitrain: C file reader not built (see $(VENV)/storeio-build.log); reading files in Python"
 
 test: venv ext
 	$(PY) -m pytest
@@ -30,4 +38,4 @@ demo: venv ext
 	$(PY) -m effitrain demo --out $(DEMO_OUT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(EXT_SO)
+	rm -rf $(VENV) build *.egg-info $(EXT_SO) $(IO_SO)

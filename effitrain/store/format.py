@@ -27,10 +27,14 @@ from __future__ import annotations
 import enum
 import json
 import struct
-import zlib
 from typing import NamedTuple
 
 import pyarrow as pa
+
+try:  # zlib's CRC32, computed with PCLMULQDQ where the CPU has it (~5x faster)
+    from effitrain._storeio import crc32
+except ImportError:  # the C extension is not built (`make ext`)
+    from zlib import crc32
 
 FORMAT_VERSION = 1
 MAGIC = b"EFTR"
@@ -89,7 +93,7 @@ class Record(NamedTuple):
 
     def check_crc(self) -> bool:
         """True when the stored CRC32 matches the index and payload bytes."""
-        return zlib.crc32(self.payload, zlib.crc32(self.index)) == self.crc32
+        return crc32(self.payload, crc32(self.index)) == self.crc32
 
 
 def header_fields(label: int, width: int, height: int, kind: Kind, index_len: int, crc32: int) -> tuple:
@@ -107,7 +111,7 @@ def encode_record(
     payload: bytes, label: int, width: int, height: int, kind: Kind = Kind.ENCODED, index: bytes = b""
 ) -> bytes:
     """Build a record value: header, index, payload."""
-    crc = zlib.crc32(payload, zlib.crc32(index))
+    crc = crc32(payload, crc32(index))
     return b"".join((pack_header(label, width, height, kind, len(index), crc), index, payload))
 
 

@@ -1,8 +1,8 @@
 """Per-image work of ``convert``: read, check, maybe re-encode, build the record.
 
-``prepare(path, label, options)`` reads one source file and returns a ``Prepared``: the
-complete record to store (header, index and payload: the file's bytes, or a re-encoded or
-transcoded image), its size and kind, or why the file cannot be used.
+``prepare_files(paths, labels, options)`` reads source files and returns a ``Prepared`` for
+each: the complete record to store (header, index and payload: the file's bytes, or a
+re-encoded or transcoded image), its size and kind, or why the file cannot be used.
 """
 
 from __future__ import annotations
@@ -10,12 +10,17 @@ from __future__ import annotations
 import io
 import os
 import struct
-import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from PIL import Image
 
-from .format import HEADER, Kind, encode_record, header_fields
+from .format import HEADER, Kind, crc32, encode_record, header_fields
+
+try:  # reads a chunk of files without the GIL, CRC32 included
+    from effitrain import _storeio
+except ImportError:  # not built (`make ext`): files are read here, one call at a time
+    _storeio = None
 
 PAYLOADS = ("keep", "random-access")
 JPEG_EOI = b"\xff\xd9"
@@ -75,12 +80,25 @@ class BadImage(Exception):
     """A source file that is not a usable image."""
 
 
+# A file read for its record: (buffer, CRC32 of the file's bytes or None if not computed
+# yet), or the error reading it gave.
+Read = tuple[bytearray, int | None] | OSError
+
+
+def prepare_files(paths: Sequence[str], labels: Sequence[int], options: ConvertOptions) -> list[Prepared]:
+    """Read and check source images and build their records; never raises for bad input."""
+    return [_prepare_read(read, label, options) for read, label in zip(read_files(paths), labels)]
+
+
 def prepare(path: str, label: int, options: ConvertOptions) -> Prepared:
-    """Read and check one source image and build its record; never raises for bad input."""
-    try:
-        buf = read_after_header(path)
-    except OSError as e:
-        return Prepared(size_in=0, error=f"cannot read: {e.strerror or e}")
+    """``prepare_files`` of one image."""
+    return prepare_files([path], [label], options)[0]
+
+
+def _prepare_read(read: Read, label: int, options: ConvertOptions) -> Prepared:
+    if isinstance(read, OSError):
+        return Prepared(size_in=0, error=f"cannot read: {read.strerror or read}")
+    buf, crc = read
     data = memoryview(buf)[HEADER.size :]
     try:
         fmt, width, height = check_image(data, full_decode=options.verify_decode)
@@ -97,16 +115,41 @@ def prepare(path: str, label: int, options: ConvertOptions) -> Prepared:
     except BadImage as e:
         return Prepared(size_in=len(data), error=str(e))
     # The file's bytes are the payload: the record is the buffer they were read into.
-    HEADER.pack_into(buf, 0, *header_fields(label, width, height, Kind.ENCODED, 0, zlib.crc32(data)))
+    crc = crc32(data) if crc is None else crc
+    HEADER.pack_into(buf, 0, *header_fields(label, width, height, Kind.ENCODED, 0, crc))
     return Prepared(len(data), Kind.ENCODED, width, height, len(data), buf)
 
 
-def read_after_header(path: str) -> bytearray:
-    """The bytes of the file ``path``, read into a buffer after ``HEADER.size`` free bytes.
+def read_files(paths: Sequence[str]) -> list[Read]:
+    """Each file's bytes, read into a new buffer after ``HEADER.size`` free bytes.
 
     The record header is packed into that room afterwards, so the file's bytes are copied
-    once, by the kernel, and never again until LMDB takes them.
+    once, by the kernel, and never again until LMDB takes them. With the C extension the
+    files are read (and their CRC32 computed) without the GIL, in one call: ~25 us a
+    100 KB file against ~95 us one Python call at a time (RESULTS.md).
     """
+    if _storeio is None:
+        return [_read_one(path) for path in paths]
+    reads: list[Read] = []
+    for path, (buf, code) in zip(paths, _storeio.read_files(paths, HEADER.size)):
+        if buf is not None:
+            reads.append((buf, code))
+        elif code:
+            reads.append(OSError(code, os.strerror(code), path))
+        else:  # its size changed while it was read: the simple way
+            reads.append(_read_one(path))
+    return reads
+
+
+def _read_one(path: str) -> Read:
+    try:
+        return read_after_header(path), None
+    except OSError as e:
+        return e
+
+
+def read_after_header(path: str) -> bytearray:
+    """The bytes of the file ``path``, read into a buffer after ``HEADER.size`` free bytes."""
     fd = os.open(path, os.O_RDONLY)
     try:
         buf = bytearray(HEADER.size + os.fstat(fd).st_size)

@@ -22,6 +22,7 @@ makes the store durable.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -59,7 +60,7 @@ from .format import (
     record_key,
     with_store_metadata,
 )
-from .prepare import ConvertOptions, Prepared, prepare
+from .prepare import ConvertOptions, Prepared, prepare, prepare_files
 from .scan import Source, scan
 
 PROGRESS_KEY = b"__progress__"
@@ -73,7 +74,7 @@ try:  # Linux: start writing a file's dirty pages to disk without waiting for th
     _SYNC_FILE_RANGE.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 except (OSError, AttributeError):
     _SYNC_FILE_RANGE = None
-SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
 class ConvertError(Exception):
@@ -190,14 +191,15 @@ def convert(
 
     store = _PartialStore(partial, functools.partial(_rebuild, source=source, options=options))
     try:
-        state = _start_or_resume(store, source, store_options)
-        summary = Summary(str(out), classes=len(source.classes), resumed_from=state["next"] or 0)
-        if state["next"] is not None:
-            _run(store, source, options, state, workers, on_error, commit_bytes, progress, warn, summary)
-            _finish(store, source, store_options, state)
-        summary.images = state["written"]
-        summary.skipped = state["skipped"]
-        summary.bytes_in, summary.bytes_out = state["bytes_in"], state["bytes_out"]
+        with _gc_paused():
+            state = _start_or_resume(store, source, store_options)
+            summary = Summary(str(out), classes=len(source.classes), resumed_from=state["next"] or 0)
+            if state["next"] is not None:
+                _run(store, source, options, state, workers, on_error, commit_bytes, progress, warn, summary)
+                _finish(store, source, store_options, state)
+            summary.images = state["written"]
+            summary.skipped = state["skipped"]
+            summary.bytes_in, summary.bytes_out = state["bytes_in"], state["bytes_out"]
     finally:
         store.close()
     _publish(partial, out)
@@ -230,11 +232,12 @@ class _PartialStore:
             raise ConvertError(f"{path} is being written by another convert") from None
         self.env = lmdb.open(
             str(path), map_size=max(self.GROW_MIN, os.fstat(self.fd).st_size), subdir=True, sync=False,
-            metasync=False, meminit=False, max_dbs=0,
+            metasync=False, meminit=False, max_dbs=0, readahead=False,
         )
         self._txn: lmdb.Transaction | None = None
-        self._flusher: threading.Thread | None = None
         self._records: list[tuple[bytes, int]] = []  # key, source index: in the open transaction
+        self._page = self.env.stat()["psize"]
+        self._writeback = _Writeback(self.fd)
 
     def put_record(self, key: bytes, value: bytes | bytearray | memoryview, index: int) -> None:
         """Put one record (built from the source image ``index``) into the open transaction."""
@@ -263,22 +266,11 @@ class _PartialStore:
                 self._redo_larger()
         self._txn = None
         self._records.clear()
-        self._start_writeback()
+        self._writeback.committed(self._used_bytes())
 
-    def _start_writeback(self) -> None:
-        """Start writing the committed pages to disk now, beside the work that follows, so
-        the final sync before the rename has little left to do.
-
-        ``sync_file_range(WRITE)`` only queues the dirty pages for writing and returns;
-        an ``fdatasync`` (in a thread, where that call is missing) also waits for the
-        filesystem journal, which then stalls the next commit's writes: measured, 0.45 s
-        against 0.64 s (and runs up to 1 s) for 620 MB.
-        """
-        if _SYNC_FILE_RANGE is not None:
-            _SYNC_FILE_RANGE(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file
-        elif self._flusher is None or not self._flusher.is_alive():
-            self._flusher = threading.Thread(target=os.fdatasync, args=(self.fd,), daemon=True)
-            self._flusher.start()
+    def _used_bytes(self) -> int:
+        """The size of the committed database: LMDB's pages 0..last_pgno."""
+        return (self.env.info()["last_pgno"] + 1) * self._page
 
     def _redo_larger(self) -> None:
         """Abort the full transaction, grow the map, put its records again."""
@@ -300,12 +292,75 @@ class _PartialStore:
         try:
             if self._txn is not None:
                 self._txn.abort()
-            if self._flusher is not None:
-                self._flusher.join()
+            self._writeback.close()
             self.env.sync(True)
         finally:
             self.env.close()
             os.close(self.fd)
+
+
+class _Writeback:
+    """A thread that writes the store's committed pages to disk while the conversion goes
+    on, and then drops them from the page cache, all but the newest ``KEEP_CACHED`` bytes
+    (LMDB reads its newest pages again).
+
+    Writing as we go leaves little for the final sync before the rename. Started with
+    ``sync_file_range(WRITE)``, which only queues the dirty pages (an ``fdatasync``, used
+    where that call is missing, also waits for the filesystem journal, which stalled the
+    next commit: 0.45 s against 0.64 s for 620 MB). In a thread of its own: queuing the
+    writes took ~9 us of the writer's ~70 us per image, and the reader thread has time.
+
+    Dropping written pages: the store is written once and not read during the conversion;
+    kept in memory, it would push the source files and everything else out of the page
+    cache (an ImageNet store is ~140 GB). Reusing the same few megabytes of page cache is
+    also faster: on this project's VMs, whose host takes back memory the guest frees,
+    every page touched for the first time costs a fault in the host (RESULTS.md).
+    """
+
+    KEEP_CACHED, DROP_STEP = 8 << 20, 4 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._used = self._done = 0  # database size committed / written out so far
+        self._dropped_to = 0  # pages before this offset are on disk and out of the page cache
+        self._closing = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="convert-writeback")
+        self._thread.start()
+
+    def committed(self, used: int) -> None:
+        """A commit made the database ``used`` bytes long: write it out."""
+        with self._wake:
+            self._used = used
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Finish the writes asked for and stop the thread."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while self._used == self._done and not self._closing:
+                    self._wake.wait()
+                if self._used == self._done:
+                    return
+                self._done = used = self._used
+            if _SYNC_FILE_RANGE is None:
+                os.fdatasync(self.fd)
+                continue
+            _SYNC_FILE_RANGE(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file
+            end = used - self.KEEP_CACHED
+            end -= end % self.DROP_STEP
+            if end - self._dropped_to >= self.DROP_STEP:
+                start, length = self._dropped_to, end - self._dropped_to
+                flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+                _SYNC_FILE_RANGE(self.fd, start, length, flags)
+                os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+                self._dropped_to = end
 
 
 def _start_or_resume(store: _PartialStore, source: Source, store_options: dict) -> dict:
@@ -380,10 +435,6 @@ def _run(
     arena = Arena(workers)
     stream = _prepared(source, options, state["next"], workers, arena)
     _keep_freed_memory(commit_bytes)
-    # The loop makes no reference cycles, but its many small objects would trigger the
-    # cyclic GC, whose full passes walk every object of the process (torch's included).
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
     try:
         for index, result in stream:
             rel, label = samples[index]
@@ -413,7 +464,19 @@ def _run(
         stream.close()  # stops the worker pool at once if we are leaving on an error
         arena.close()
         bar.close()
-        if gc_was_enabled:
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic GC off: the conversion makes no reference cycles, but its many small
+    objects would trigger it, and its full passes walk every object of the process
+    (torch's included): ~0.15 s of the metadata step for 6,000 images."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
             gc.enable()
 
 
@@ -562,7 +625,7 @@ def _init_worker(arena: mmap.mmap | None) -> None:
 
 def _prepare_chunk(paths: list[str], labels: list[int], slot: int | None, options: ConvertOptions) -> list[Prepared]:
     """Prepare a chunk of images; in a worker with an arena slot, leave the records there."""
-    results = [prepare(path, label, options) for path, label in zip(paths, labels)]
+    results = prepare_files(paths, labels, options)
     if slot is None or _ARENA is None:
         return results
     offset, end = slot * Arena.SLOT_BYTES, (slot + 1) * Arena.SLOT_BYTES
