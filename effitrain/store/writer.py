@@ -2,9 +2,9 @@
 
 Data flow: the source listing (``scan``) is cut into small chunks, and each image is
 ``prepare``d (read, check, CRC, maybe re-encode or transcode) into its finished record.
-Files kept as they are (``--keep-bytes``) are read by a thread of the writer's process,
-straight into the buffer that becomes the record, which the writer hands to LMDB: the
-work is I/O and CRC, which release the GIL, so nothing crosses between processes. Work
+Files kept as they are (``--keep-bytes``) are read by a thread of the writer's process
+(in C where built, a chunk at a time without the GIL), straight into the buffer that
+becomes the record, which the writer hands to LMDB: nothing crosses between processes. Work
 that needs the CPU (transcode, re-encode) runs in worker processes, which leave their
 records in memory shared with the writer (``Arena``) and send back only a small result.
 The single writer takes the records in source order, puts them into LMDB and commits
@@ -16,8 +16,8 @@ records written, files skipped), so after ``kill -9`` the partial store holds ex
 prefix of the job, and ``--resume`` continues from there; the result is identical to an
 uninterrupted run. Only the last step writes ``__meta__``, syncs, and renames the folder
 to OUT. Commits do not wait for the disk (a killed process loses nothing the kernel has;
-each commit only starts the writing of its pages), the final sync before the rename
-makes the store durable.
+a thread writes committed pages out beside the work and drops them from the page cache),
+the final sync before the rename makes the store durable.
 """
 
 from __future__ import annotations
@@ -358,8 +358,9 @@ class _Writeback:
             if end - self._dropped_to >= self.DROP_STEP:
                 start, length = self._dropped_to, end - self._dropped_to
                 flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
-                _SYNC_FILE_RANGE(self.fd, start, length, flags)
-                os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
+                _SYNC_FILE_RANGE(self.fd, start, length, flags)  # errors: the final sync reports them
+                with contextlib.suppress(OSError):  # only a hint
+                    os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
                 self._dropped_to = end
 
 
