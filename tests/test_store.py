@@ -27,6 +27,7 @@ from effitrain.store.format import (
     record_key,
     with_store_metadata,
 )
+from effitrain.store import reader
 from effitrain.store.reader import Store
 
 
@@ -96,6 +97,21 @@ def test_store_reads_labels_and_sizes_from_metadata(image_store: Path) -> None:
         assert txn.get(KEYS_KEY).decode().split("\n") == store.meta.column("key").to_pylist()
         assert [k for k, _ in txn.cursor() if not k.startswith(b"img-")] == [KEYS_KEY, LEN_KEY, META_KEY]
     assert Store(image_store).read(2) == store.read(2)  # two Stores of one store in one process
+
+
+def test_views_stay_valid_after_close(image_store: Path) -> None:
+    """copy=False views are read-only, equal to the copies, and still readable once the
+    store is closed (LMDB's own map is gone by then)."""
+    store = Store(image_store)
+    payload, label = store.read(2, copy=False)
+    rec = store.record(1, copy=False)
+    copies = store.read(2), store.record(1)
+    assert isinstance(payload, memoryview) and payload.readonly
+    assert (payload, label) == copies[0] and rec == copies[1] and rec.check_crc()
+    store.close()
+    assert not any(key[1:] == store._file_id for key in reader._HANDLES)
+    assert bytes(payload) == copies[0][0] and rec == copies[1] and rec.check_crc()
+    assert store.read(2, copy=False) == copies[0]  # reopened on the next read
 
 
 def test_foreign_lmdb_is_refused(tmp_path: Path) -> None:

@@ -74,3 +74,14 @@ def test_prepare_reads_with_or_without_the_extension(tmp_path: Path, monkeypatch
     for errs in (with_c, without):
         assert isinstance(errs[1], FileNotFoundError) and errs[1].filename == paths[1]
         assert errs[2][0][room:].startswith(Path("/proc/self/cmdline").read_bytes()[:8])
+
+
+def test_address_is_where_the_bytes_are() -> None:
+    from effitrain.store import reader
+
+    data = np.arange(1000, dtype=np.uint8)
+    view = memoryview(data.tobytes())[100:]
+    expected = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
+    assert storeio.address(view) == expected == reader._address(view)
+    with pytest.raises(TypeError):
+        storeio.address("not a buffer")

@@ -7,6 +7,8 @@
  *     file that cannot be opened or read, (None, 0) for one whose size changed while it was
  *     read (the caller reads it again its own way). The files of one call are opened,
  *     read and checksummed without the GIL, so a writer thread runs beside this one.
+ * address(buffer) -> int
+ *     Where a buffer's first byte is in memory (for a view into a memory map: its offset).
  * crc32(data, value=0, simd=True) -> int
  *     zlib.crc32 with PCLMULQDQ folding where the CPU has it (~10x zlib's own loop);
  *     simd=False forces zlib's code (for tests).
@@ -93,7 +95,7 @@ static uint32_t crc32_any(uint32_t value, const unsigned char *p, size_t len, in
   return (uint32_t)crc32_z(value, p, len);
 }
 
-static PyObject *py_crc32(PyObject *self, PyObject *args, PyObject *kwds) {
+static PyObject *py_crc32(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kwds) {
   static char *kwlist[] = {"data", "value", "simd", NULL};
   Py_buffer data;
   unsigned int value = 0;
@@ -204,7 +206,7 @@ static int read_group(item_t *it, Py_ssize_t n, Py_ssize_t room, PyObject *out) 
   return 0;
 }
 
-static PyObject *py_read_files(PyObject *self, PyObject *args) {
+static PyObject *py_read_files(PyObject *Py_UNUSED(self), PyObject *args) {
   PyObject *paths;
   Py_ssize_t room;
   if (!PyArg_ParseTuple(args, "On", &paths, &room)) return NULL;
@@ -228,11 +230,22 @@ static PyObject *py_read_files(PyObject *self, PyObject *args) {
   return out;
 }
 
+/* ------------------------------------------------------------------ address */
+
+static PyObject *py_address(PyObject *Py_UNUSED(self), PyObject *obj) {
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) != 0) return NULL;
+  PyObject *result = PyLong_FromVoidPtr(view.buf);
+  PyBuffer_Release(&view);
+  return result;
+}
+
 static PyMethodDef methods[] = {
     {"read_files", py_read_files, METH_VARARGS,
      "read_files(paths, room) -> [(bytearray, crc32) | (None, errno) | (None, 0)]: files read after `room` free bytes."},
     {"crc32", (PyCFunction)(void (*)(void))py_crc32, METH_VARARGS | METH_KEYWORDS,
      "crc32(data, value=0, simd=True) -> int: zlib.crc32, with PCLMULQDQ where the CPU has it."},
+    {"address", py_address, METH_O, "address(buffer) -> int: where the buffer's first byte is in memory."},
     {NULL, NULL, 0, NULL},
 };
 

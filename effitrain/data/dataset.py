@@ -54,9 +54,10 @@ class ImageFolderLMDB(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def read(self, index: int) -> tuple[bytes, int]:
-        """The record's encoded image bytes and its label, undecoded."""
-        return self.store.read(index)
+    def read(self, index: int, copy: bool = True) -> tuple[bytes | memoryview, int]:
+        """The record's encoded image bytes and its label, undecoded; copy=False: the bytes
+        as a read-only view of the store's memory map instead of a copy (``Store.read``)."""
+        return self.store.read(index, copy)
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         record = self.store.record(index, copy=False)  # views into the map, decoded right away
