@@ -115,6 +115,33 @@ def test_sigkill_then_resume_equals_uninterrupted(many_images: Path, tmp_path: P
     assert [s["source"] for s in Store(out).skipped] == ["c1/0004.jpg"]
 
 
+def test_full_disk_stops_clearly_then_resume_equals_uninterrupted(many_images: Path, tmp_path: Path) -> None:
+    """A write that fails mid-way (here the file-size limit, which fails writes as a full
+    disk does) stops convert with a one-line error; nothing looks complete, and once
+    there is room --resume finishes the same store an uninterrupted run makes."""
+    import resource
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 << 10, 512 << 10))
+
+    out = tmp_path / "s.lmdb"
+    cmd = [sys.executable, "-m", "effitrain", "convert", str(many_images), str(out), "--keep-bytes", "-q",
+           "--commit-mb", "0.1"]
+    full = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_disk)
+    lines = [line for line in full.stderr.splitlines() if not line.startswith("warning: skipped")]
+    assert full.returncode != 0 and len(lines) == 1, full.stderr  # one line, no traceback
+    assert "writing failed" in lines[0] and "--resume" in lines[0] and str(partial_path(out)) in lines[0]
+    assert not out.exists() and 0 < committed(partial_path(out)) < 239
+    resumed = subprocess.run(cmd + ["--resume", "--json"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed_from"] > 0
+    reference = tmp_path / "reference.lmdb"
+    convert(many_images, reference, options=ConvertOptions(payload="keep"), workers=0, progress=False)
+    got, want = all_items(out), all_items(reference)
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)
+
+
 def test_resume_without_partial_starts_fresh(many_images: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.lmdb"
     summary = convert(many_images, out, options=ConvertOptions(payload="keep"), resume=True, workers=0, progress=False)

@@ -264,6 +264,12 @@ class _PartialStore:
                 break
             except lmdb.MapFullError:
                 self._redo_larger()
+            except lmdb.Error as e:  # LMDB reports a short write (a full disk) as an I/O error
+                self._txn = None  # LMDB has aborted it
+                raise ConvertError(
+                    f"{self.path}: writing failed ({e}); if the disk is full, free space (a store takes "
+                    "about as much as its source) and run the same command with --resume"
+                ) from None
         self._txn = None
         self._records.clear()
         self._writeback.committed(self._used_bytes())
