@@ -356,7 +356,8 @@ class _Writeback:
                     return
                 self._done = used = self._used
             if _SYNC_FILE_RANGE is None:
-                os.fdatasync(self.fd)
+                with contextlib.suppress(OSError):  # the final sync reports errors
+                    os.fdatasync(self.fd)
                 continue
             _SYNC_FILE_RANGE(self.fd, 0, 0, SYNC_FILE_RANGE_WRITE)  # 0, 0: the whole file
             end = used - self.KEEP_CACHED
@@ -556,8 +557,8 @@ def _prepared(
     if workers <= 0:
         yield from _read_ahead(chunks, options, READ_THREADS)
         return
-    # fork is cheapest and shares the arena; the writer has no other thread (the disk
-    # flusher, where sync_file_range is missing, holds no lock a worker needs).
+    # fork is cheapest and shares the arena; the writer's other thread (_Writeback) holds
+    # no lock a worker needs.
     ctx = mp.get_context("fork" if arena.slots else "spawn")
     window = arena.slots or 4 * workers  # tasks in flight: workers stay ahead, results don't pile up
     with ctx.Pool(workers, initializer=_init_worker, initargs=(arena.map,)) as pool:
