@@ -15,14 +15,6 @@ import lmdb
 import numpy as np
 import pyarrow as pa
 
-try:
-    from effitrain._storeio import address as _address
-except ImportError:  # the C extension is not built (`make ext`): slower, same result
-
-    def _address(view: memoryview) -> int:
-        return np.frombuffer(view, np.uint8).__array_interface__["data"][0]
-
-
 from .format import (
     FORMAT_VERSION,
     LEN_KEY,
@@ -37,6 +29,13 @@ from .format import (
     meta_from_bytes,
     record_key,
 )
+
+try:
+    from effitrain._storeio import address as _address
+except ImportError:  # the C extension is not built (`make ext`): slower, same result
+
+    def _address(view: memoryview) -> int:
+        return np.frombuffer(view, np.uint8).__array_interface__["data"][0]
 
 
 def is_store(path: str | os.PathLike) -> bool:
